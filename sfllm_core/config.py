@@ -1,0 +1,53 @@
+"""The engine's one configuration object, validated once."""
+
+from dataclasses import dataclass
+
+import torch
+
+from sfllm_core.errors import InvalidRequestError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """Knobs of InferenceEngine. model_path None means the packaged Gemma 3 270M."""
+
+    model_path: str | None = None
+    served_model_name: str | None = None  # default: the checkpoint folder or file name
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
+    device: str = "auto"  # auto: cuda when available
+    max_context_length: int | None = None  # default: the model's, capped at 8192 tokens
+    page_size: int = 16
+    num_pages: int | None = None  # default: sized from kv_cache_memory_gb
+    kv_cache_memory_gb: float | None = None  # default: 1 GB on the CPU, 90% of free memory on CUDA
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
+    max_waiting: int = 1024  # queue bound; past it add_request raises QueueFullError
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # auto | torch | triton
+    cuda_graphs: bool = True
+    cuda_graph_max_batch: int = 256
+    seed: int = 0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.resolved_device().type == "cuda" else torch.float32
+        if self.dtype not in _DTYPES:
+            raise InvalidRequestError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}", "dtype")
+        return _DTYPES[self.dtype]
+
+    def validate(self) -> None:
+        self.resolved_dtype()
+        for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise InvalidRequestError(
+                f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}", "attention_backend"
+            )

@@ -1,0 +1,401 @@
+"""InferenceEngine: requests in, tokens out; offline `generate`, asyncio `stream`, thread-safe `abort`."""
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+import torch
+
+from sfllm_core.config import EngineConfig
+from sfllm_core.engine.memory_pool import MemoryPool
+from sfllm_core.engine.model_runner import ModelRunner
+from sfllm_core.engine.request_sequence import RequestSequence, SequenceStatus
+from sfllm_core.engine.scheduler import Scheduler
+from sfllm_core.errors import ContextLengthError, InvalidRequestError, QueueFullError
+from sfllm_core.layers.attention import AttentionBackend, TorchPagedAttention
+from sfllm_core.layers.sampler import Sampler
+from sfllm_core.models.common import assign_weights
+from sfllm_core.models.loader import (
+    default_eos_token_ids,
+    load_model_config,
+    load_tokenizer,
+    load_weights,
+    resolve_model_path,
+)
+from sfllm_core.models.registry import model_class
+from sfllm_core.outputs import EngineLoad, GenerationOutput, StepOutput
+from sfllm_core.sampling_params import SamplingParams
+
+logger = logging.getLogger("sfllm.engine")
+
+DEFAULT_MAX_CONTEXT = 8192
+
+
+class InferenceEngine:
+    """Hosts one model: loads it, schedules requests, runs steps, streams results.
+
+    Offline use calls `generate` from one thread. Serving calls `stream` from an asyncio loop;
+    the first call starts a background thread that runs steps while there is work, so the event
+    loop never blocks on the model. Either way, every request ends with exactly one finished
+    StepOutput and gives back all of its KV pages.
+    """
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        dtype: str = "auto",
+        max_context_length: int | None = None,
+        *,
+        config: EngineConfig | None = None,
+        hf_config=None,
+        **overrides,
+    ) -> None:
+        if config is None:
+            config = EngineConfig(model_path=model_path, dtype=dtype, max_context_length=max_context_length)
+        self.config = config = replace(config, **overrides)
+        config.validate()
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype()
+        start = time.perf_counter()
+
+        # hf_config without a path builds a model with random weights (benchmarks of real shapes).
+        path = None if hf_config is not None and config.model_path is None else resolve_model_path(config.model_path)
+        self.model_config = hf_config if hf_config is not None else load_model_config(path)
+        self.model_name = config.served_model_name or _served_name(config.model_path, path)
+        self.tokenizer = load_tokenizer(path) if path is not None else None
+        self.vocab_size = self.model_config.vocab_size
+        self.eos_token_ids = set(default_eos_token_ids(self.model_config, self.tokenizer))
+        self.model = self._build_model(path)
+
+        model_max = self.model_config.max_position_embeddings
+        self.max_context_length = min(config.max_context_length or min(model_max, DEFAULT_MAX_CONTEXT), model_max)
+        self.pool = self._build_pool()
+        self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.pool, self._build_backend(), self.device)
+        self.sampler = Sampler(config.seed)
+
+        self._seqs: dict[str, RequestSequence] = {}
+        self._inbox: list[tuple[str, object]] = []
+        self._cv = threading.Condition()
+        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        logger.info(
+            "engine ready: model=%s device=%s dtype=%s context=%d kv_pages=%d page_size=%d load_s=%.1f",
+            self.model_name, self.device, self.dtype, self.max_context_length, self.pool.num_pages,
+            self.pool.page_size, time.perf_counter() - start,
+        )
+
+    # ---- construction -------------------------------------------------------------------------
+
+    def _build_model(self, path: str | None) -> torch.nn.Module:
+        cls = model_class(self.model_config)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                model = cls(self.model_config)
+        finally:
+            torch.set_default_dtype(previous)
+        if path is not None:
+            tied = bool(getattr(self.model_config, "tie_word_embeddings", False))
+            assign_weights(model, load_weights(path, self.dtype), tied)
+        return model.eval().requires_grad_(False)
+
+    def _build_pool(self) -> MemoryPool:
+        cfg, mc = self.config, self.model_config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        per_token = MemoryPool.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, head_dim, self.dtype)
+        pages_per_seq = -(-self.max_context_length // cfg.page_size)
+        if cfg.num_pages is not None:
+            num_pages = cfg.num_pages
+        else:
+            if cfg.kv_cache_memory_gb is not None:
+                budget = cfg.kv_cache_memory_gb * 1e9
+            elif self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = free * 0.8
+            else:
+                budget = 1e9
+            num_pages = int(budget // (per_token * cfg.page_size))
+            # More than every slot full at full context is never useful.
+            num_pages = min(num_pages, pages_per_seq * cfg.max_num_seqs)
+        if num_pages < 1:
+            raise InvalidRequestError("the KV cache budget holds no page; raise kv_cache_memory_gb", "num_pages")
+        return MemoryPool(
+            num_pages, cfg.page_size, mc.num_hidden_layers, mc.num_key_value_heads, head_dim,
+            self.dtype, self.device, cfg.enable_prefix_caching,
+        )
+
+    def _build_backend(self) -> AttentionBackend:
+        choice = self.config.attention_backend
+        if choice == "auto":
+            choice = "triton" if self.device.type == "cuda" else "torch"
+        if choice == "triton":
+            from sfllm_core.layers.triton_attention import TritonAttention
+
+            for module in self.model.modules():
+                if hasattr(module, "use_triton"):
+                    module.use_triton = True
+            return TritonAttention(max_context_length=self.max_context_length)
+        return TorchPagedAttention()
+
+    # ---- requests -----------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Tokenize a prompt; a leading bos is added unless the text already starts with it."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("this engine has no tokenizer; pass token ids", "prompt")
+        ids = self.tokenizer.encode(text, add_special_tokens=True)
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]
+        return ids
+
+    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestSequence:
+        """Validate a request; raises InvalidRequestError (or ContextLengthError) naming the field."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be a SamplingParams", "params")
+        token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not token_ids:
+            raise InvalidRequestError("prompt must not be empty", "prompt")
+        for tok in token_ids:
+            if not isinstance(tok, int) or not 0 <= tok < self.vocab_size:
+                raise InvalidRequestError(
+                    f"prompt contains token id {tok!r}, outside the vocabulary [0, {self.vocab_size})", "prompt"
+                )
+        params.validate(self.vocab_size)
+        if len(token_ids) >= self.max_context_length:
+            raise ContextLengthError(self.max_context_length, len(token_ids))
+        if len(token_ids) + params.max_tokens > self.max_context_length:
+            raise ContextLengthError(self.max_context_length, len(token_ids), params.max_tokens)
+        pages = -(-(len(token_ids) + params.max_tokens) // self.pool.page_size)
+        if pages > self.pool.num_pages:
+            raise InvalidRequestError(
+                f"the request needs {pages} KV pages but the cache holds {self.pool.num_pages}", "max_tokens"
+            )
+        return RequestSequence(request_id, token_ids, params)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        """Validate and queue a request (thread-safe); it runs on the next step."""
+        seq = self.make_sequence(request_id, prompt, params)
+        self._submit(seq)
+
+    def _submit(self, seq: RequestSequence) -> None:
+        with self._cv:
+            pending = sum(1 for kind, _ in self._inbox if kind == "add")
+            if len(self.scheduler.waiting) + pending >= self.config.max_waiting:
+                raise QueueFullError(self.config.max_waiting)
+            if seq.request_id in self._seqs or any(
+                kind == "add" and s.request_id == seq.request_id for kind, s in self._inbox
+            ):
+                raise InvalidRequestError(f"request id {seq.request_id!r} is already in use", "request_id")
+            self._inbox.append(("add", seq))
+            self._cv.notify()
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is (thread-safe); it ends with finish_reason "abort"."""
+        with self._cv:
+            self._inbox.append(("abort", request_id))
+            self._cv.notify()
+
+    def _drain_inbox(self) -> list[StepOutput]:
+        with self._cv:
+            inbox, self._inbox = self._inbox, []
+        outputs = []
+        for kind, item in inbox:
+            if kind == "add":
+                self._seqs[item.request_id] = item
+                self.scheduler.add(item)
+            else:
+                seq = self._seqs.pop(item, None)
+                if seq is not None:
+                    self.scheduler.finish(seq, "abort")
+                    outputs.append(self._output(seq, [], None, finished=True))
+        return outputs
+
+    def has_work(self) -> bool:
+        with self._cv:
+            return bool(self._inbox) or self.scheduler.has_work()
+
+    def get_load(self) -> EngineLoad:
+        return EngineLoad(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting) + sum(1 for k, _ in list(self._inbox) if k == "add"),
+            kv_pages_used=self.pool.num_used_pages,
+            kv_pages_total=self.pool.num_pages,
+            prefix_cache_hit_rate=self.pool.prefix_hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    # ---- the step -----------------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        """Admit queued requests, run one forward pass, sample, and report what changed."""
+        outputs = self._drain_inbox()
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return outputs
+        try:
+            logits, rows = self.runner.execute(batch)
+            self.scheduler.commit(batch)
+            sampled = [batch.seqs[r] for r in rows]
+            tokens, logprobs = self.sampler(logits, sampled) if sampled else ([], [])
+        except Exception as exc:  # a failed step ends its batch, never the engine
+            logger.exception("step failed; ending %d requests of its batch", len(batch.seqs))
+            for seq in batch.seqs:
+                self._seqs.pop(seq.request_id, None)
+                self.scheduler.finish(seq, "error")
+                outputs.append(self._output(seq, [], None, finished=True, error=f"{type(exc).__name__}: {exc}"))
+            return outputs
+        for seq, token, logprob in zip(sampled, tokens, logprobs):
+            outputs.append(self._append_token(seq, token, logprob))
+        return outputs
+
+    def _append_token(self, seq: RequestSequence, token: int, logprob) -> StepOutput:
+        params = seq.params
+        seq.token_ids.append(token)
+        stop = (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids
+        if stop:
+            seq.stop_token_id = token
+            self._finish(seq, "stop")
+            return self._output(seq, [], None, finished=True)
+        if seq.logprobs is not None and logprob is not None:
+            seq.logprobs.append(logprob)
+        num_out = seq.num_tokens - seq.num_prompt_tokens
+        if num_out >= params.max_tokens or seq.num_tokens >= self.max_context_length:
+            self._finish(seq, "length")
+            return self._output(seq, [token], logprob, finished=True)
+        return self._output(seq, [token], logprob)
+
+    def _finish(self, seq: RequestSequence, reason: str) -> None:
+        self._seqs.pop(seq.request_id, None)
+        self.scheduler.finish(seq, reason)
+
+    def _output(self, seq, tokens, logprob, finished=False, error=None) -> StepOutput:
+        return StepOutput(
+            request_id=seq.request_id,
+            token_ids=tokens,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            finished=finished,
+            finish_reason=seq.finish_reason if finished else None,
+            stop_token_id=seq.stop_token_id if finished else None,
+            logprobs=[logprob] if logprob is not None else None,
+            num_cached_tokens=seq.num_cached_tokens,
+            error=error,
+        )
+
+    # ---- offline ------------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[GenerationOutput]:
+        """Run prompts to completion and return their results in order (not while streaming)."""
+        if self._thread is not None:
+            raise RuntimeError("generate() cannot run while the streaming loop owns the engine")
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise InvalidRequestError("params must be one SamplingParams or one per prompt", "params")
+        seqs = [self.make_sequence(f"gen-{uuid.uuid4().hex}", p, sp) for p, sp in zip(prompts, params_list)]
+        for seq in seqs:
+            self._submit(seq)
+        while any(s.status is not SequenceStatus.FINISHED for s in seqs):
+            self.step()
+        results = []
+        for seq in seqs:
+            out_ids = seq.output_token_ids
+            if seq.stop_token_id is not None:
+                out_ids = out_ids[:-1]
+            text = self.tokenizer.decode(out_ids, skip_special_tokens=True) if self.tokenizer else None
+            results.append(
+                GenerationOutput(seq.request_id, seq.prompt_token_ids, out_ids, seq.finish_reason, text, seq.logprobs)
+            )
+        return results
+
+    # ---- streaming ----------------------------------------------------------------------------
+
+    async def stream(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[StepOutput]:
+        """Yield a request's StepOutputs as they are produced; closing the generator aborts it.
+
+        Validation errors are raised before the first yield.
+        """
+        request_id = request_id or uuid.uuid4().hex
+        seq = self.make_sequence(request_id, prompt, params)
+        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._listeners[request_id] = (asyncio.get_running_loop(), queue)
+        try:
+            self._submit(seq)
+        except Exception:
+            self._listeners.pop(request_id, None)
+            raise
+        self._ensure_loop()
+        finished = False
+        try:
+            while True:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._listeners.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def _ensure_loop(self) -> None:
+        with self._cv:
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(target=self._loop, name="sfllm-engine", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._inbox and not self.scheduler.has_work():
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            try:
+                outputs = self.step()
+            except Exception:  # the loop must outlive any bug in one step
+                logger.exception("engine step crashed")
+                outputs = []
+            self._deliver(outputs)
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            listener = self._listeners.get(out.request_id)
+            if listener is not None:
+                loop, queue = listener
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
+                except RuntimeError:  # the caller's loop has closed
+                    self.abort(out.request_id)
+
+    def shutdown(self) -> None:
+        """Stop the background loop; requests still in flight are aborted."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        outputs = self._drain_inbox()
+        for seq in list(self._seqs.values()):
+            self._finish(seq, "abort")
+            outputs.append(self._output(seq, [], None, finished=True))
+        self._deliver(outputs)
+
+def _served_name(requested: str | None, path: str | None) -> str:
+    if path is None:
+        return "random"
+    if requested in (None, "gemma3-270m"):
+        return "gemma3-270m"
+    name = path.rstrip("/").split("/")[-1]
+    return name.removesuffix(".gguf")

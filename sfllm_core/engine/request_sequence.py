@@ -1,0 +1,63 @@
+"""RequestSequence: one request's tokens, pages and progress through the engine."""
+
+import enum
+import time
+
+import torch
+
+from sfllm_core.outputs import TokenLogprob
+from sfllm_core.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds pages and is scheduled every step
+    FINISHED = "finished"
+
+
+class RequestSequence:
+    """A request's state machine: WAITING -> RUNNING (-> WAITING on preemption) -> FINISHED.
+
+    `num_computed_tokens` counts the tokens whose K/V are in this sequence's pages; a step feeds the
+    next chunk of `token_ids` from there, and samples once every token has been computed.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)
+        self.params = params
+        self.status = SequenceStatus.WAITING
+        self.pages: list[int] = []
+        self.page_hashes: list[int] = []  # prefix-cache hashes of this sequence's full, computed pages
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
+        self.num_emitted = 0  # output tokens already handed out as StepOutputs
+        self.finish_reason: str | None = None
+        self.stop_token_id: int | None = None
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs else None
+        self.arrival_time = time.monotonic()
+        self.generator: torch.Generator | None = None  # the Sampler makes it on the logits' device
+        self.admitted = False  # set at first admission; preemption does not reset it
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestSequence({self.request_id!r}, {self.status.value}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, pages={len(self.pages)})"
+        )

@@ -1,0 +1,132 @@
+"""Scheduler: continuous batching with chunked prefill, page-based admission and preemption."""
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from sfllm_core.engine.memory_pool import MemoryPool
+from sfllm_core.engine.request_sequence import RequestSequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """One step's work: sequences and how many new tokens each feeds (single-token ones first)."""
+
+    seqs: list[RequestSequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+
+class Scheduler:
+    """FCFS continuous batching under a per-step token budget and the pool's free pages.
+
+    Each step: running sequences first (decodes cost one token each, unfinished prefills continue
+    chunk by chunk), then waiting ones are admitted in arrival order while budget, sequence slots
+    and pages last. When a running sequence needs a page and none is free, the most recently
+    admitted running sequence is preempted: its pages are freed and it waits to be recomputed.
+    """
+
+    def __init__(self, pool: MemoryPool, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[RequestSequence] = deque()
+        self.running: list[RequestSequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: RequestSequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _pages_needed(self, seq: RequestSequence, num_new: int) -> int:
+        total = seq.num_computed_tokens + num_new
+        return max(0, -(-total // self.pool.page_size) - len(seq.pages))
+
+    def _preempt(self, seq: RequestSequence) -> None:
+        self.running.remove(seq)
+        self.pool.free(seq.pages)
+        seq.pages, seq.page_hashes = [], []
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        singles, chunks = ScheduledBatch(), ScheduledBatch()
+        scheduled: set[int] = set()
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = self._pages_needed(seq, num_new)
+            while need > self.pool.num_free_pages:
+                victim = next(s for s in reversed(self.running) if id(s) not in scheduled)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.pages += self.pool.allocate(need)
+            target = singles if num_new == 1 else chunks
+            target.seqs.append(seq)
+            target.num_new_tokens.append(num_new)
+            scheduled.add(id(seq))
+            budget -= num_new
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.pages:
+                seq.pages, seq.page_hashes = self.pool.match_prefix(seq.token_ids)
+                seq.num_computed_tokens = len(seq.pages) * self.pool.page_size
+                if not seq.admitted:
+                    seq.num_cached_tokens = seq.num_computed_tokens
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            need = self._pages_needed(seq, num_new)
+            if need > self.pool.num_free_pages:
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            seq.pages += self.pool.allocate(need)
+            seq.admitted = True
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            target = singles if num_new == 1 else chunks
+            target.seqs.append(seq)
+            target.num_new_tokens.append(num_new)
+            budget -= num_new
+
+        return ScheduledBatch(singles.seqs + chunks.seqs, singles.num_new_tokens + chunks.num_new_tokens)
+
+    def commit(self, batch: ScheduledBatch) -> None:
+        """Advance computed counts after the forward pass and publish newly full pages."""
+        page_size = self.pool.page_size
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            while len(seq.page_hashes) < seq.num_computed_tokens // page_size:
+                i = len(seq.page_hashes)
+                parent = seq.page_hashes[-1] if seq.page_hashes else 0
+                h = self.pool.page_hash(parent, seq.token_ids[i * page_size : (i + 1) * page_size])
+                seq.page_hashes.append(h)
+                self.pool.register_page(seq.pages[i], h)
+
+    def finish(self, seq: RequestSequence, reason: str) -> None:
+        """Take a sequence out of every queue and release its pages (idempotent)."""
+        if seq.status is SequenceStatus.FINISHED:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.pool.free(seq.pages)
+        seq.pages = []
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,118 @@
+"""Attention over the paged KV cache: the batch metadata and the backend interface.
+
+KV cache layout (one pair of tensors per layer, owned by MemoryPool):
+    k_cache, v_cache: [num_slots, num_kv_heads, head_dim], num_slots = num_pages * page_size.
+    A token at logical position p of a sequence lives in slot
+    page_table[seq, p // page_size] * page_size + p % page_size.
+
+A step's batch is ragged and flat: the new tokens of every sequence are concatenated, decode
+sequences (exactly one new token) first, then extend/prefill sequences. Each new token attends to
+every cached token of its sequence plus the new tokens up to and including itself; a sliding
+window W further restricts it to keys at positions q_pos - W < k_pos <= q_pos.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class BatchMetadata:
+    """Everything attention and RoPE need about one step's batch, passed explicitly."""
+
+    positions: torch.Tensor  # int64 [T]: position of each new token in its sequence
+    slot_mapping: torch.Tensor  # int64 [T]: cache slot each new token's K/V is written to
+    query_start_loc: torch.Tensor  # int32 [B+1]: new tokens of seq i are [qsl[i], qsl[i+1])
+    seq_lens: torch.Tensor  # int32 [B]: context length after this step (cached + new)
+    page_table: torch.Tensor  # int32 [B, max_pages]: page ids per sequence, padded with 0
+    logits_indices: torch.Tensor  # int64 [B]: index in the flat batch of each sequence's last token
+    page_size: int
+    num_decodes: int  # the first num_decodes sequences have exactly one new token
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, so the CPU backend can loop without device syncs.
+    seq_lens_cpu: list[int] = field(default_factory=list)
+    query_lens_cpu: list[int] = field(default_factory=list)
+    # Per-step scratch an attention backend may fill in prepare() and reuse in every layer.
+    backend_state: dict = field(default_factory=dict)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend(ABC):
+    """Writes a layer's new K/V into the paged cache and attends over it.
+
+    Models call only `forward`; ModelRunner calls `prepare` once per step before the forward pass.
+    """
+
+    def prepare(self, meta: BatchMetadata) -> None:
+        """Per-step precomputation shared by all layers (default: nothing)."""
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+        v_cache: torch.Tensor,
+        meta: BatchMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        ...
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store new keys and values in their cache slots."""
+    k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+class TorchPagedAttention(AttentionBackend):
+    """Plain-PyTorch paged attention: the CPU path and the reference for the Triton kernels."""
+
+    def prepare(self, meta: BatchMetadata) -> None:
+        # Slot indices of every sequence's whole context, computed once and shared by all layers.
+        slots = []
+        offsets = torch.arange(meta.page_size, device=meta.page_table.device)
+        for i, length in enumerate(meta.seq_lens_cpu):
+            num_pages = (length + meta.page_size - 1) // meta.page_size
+            pages = meta.page_table[i, :num_pages].long()
+            slots.append((pages[:, None] * meta.page_size + offsets).flatten()[:length])
+        meta.backend_state["seq_slots"] = slots
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window):
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if "seq_slots" not in meta.backend_state:
+            self.prepare(meta)
+        seq_slots = meta.backend_state["seq_slots"]
+        out = torch.empty_like(q)
+        num_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
+        start = 0
+        for i, (length, qlen) in enumerate(zip(meta.seq_lens_cpu, meta.query_lens_cpu)):
+            slots = seq_slots[i]
+            first_key = 0
+            if sliding_window is not None:
+                # Keys older than the window of the earliest query are never needed.
+                first_key = max(0, length - qlen - sliding_window + 1)
+                slots = slots[first_key:]
+            keys = k_cache[slots].to(q.dtype).transpose(0, 1)  # [Hkv, L, D]
+            values = v_cache[slots].to(q.dtype).transpose(0, 1)
+            query = q[start : start + qlen].transpose(0, 1)  # [H, n, D]
+            mask = None
+            if qlen > 1 or sliding_window is not None:
+                q_pos = torch.arange(length - qlen, length, device=q.device)[:, None]
+                k_pos = torch.arange(first_key, length, device=q.device)[None, :]
+                mask = k_pos <= q_pos
+                if sliding_window is not None:
+                    mask &= k_pos > q_pos - sliding_window
+            o = torch.nn.functional.scaled_dot_product_attention(
+                query, keys, values, attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads
+            )
+            out[start : start + qlen] = o.transpose(0, 1)
+            start += qlen
+        return out

@@ -1,0 +1,47 @@
+"""Rotary position embedding (rotate-half / NeoX layout), as Qwen3 and Gemma3 use it."""
+
+import torch
+
+
+def rope_cos_sin_cache(head_dim: int, base: float, max_positions: int, scaling_factor: float = 1.0) -> torch.Tensor:
+    """[max_positions, head_dim] float32: cos in the first half of the last dim, sin in the second.
+
+    scaling_factor > 1 is linear position interpolation (rope_type "linear", e.g. Gemma3's global layers).
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    positions = torch.arange(max_positions, dtype=torch.int64).float() / scaling_factor
+    freqs = torch.outer(positions, inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def apply_rope_reference(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
+    """Rotate x [T, heads, head_dim] by its positions; returns a new tensor in x's dtype."""
+    half = x.shape[-1] // 2
+    cos_sin = cos_sin_cache[positions]  # [T, head_dim]
+    cos = cos_sin[:, None, :half]
+    sin = cos_sin[:, None, half:]
+    x1 = x[..., :half].float()
+    x2 = x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Holds one cos/sin table; rotates q and k by token position."""
+
+    def __init__(self, head_dim: int, base: float, max_positions: int, scaling_factor: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer(
+            "cos_sin_cache", rope_cos_sin_cache(head_dim, base, max_positions, scaling_factor), persistent=False
+        )
+        self.use_triton = False  # ModelRunner turns this on for the CUDA backend
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.use_triton and q.is_cuda:
+            from sfllm_core.kernels.rope import rope_inplace
+
+            rope_inplace(q, k, positions, self.cos_sin_cache)
+            return q, k
+        return (
+            apply_rope_reference(q, positions, self.cos_sin_cache),
+            apply_rope_reference(k, positions, self.cos_sin_cache),
+        )

@@ -1,0 +1,110 @@
+"""Sampler: penalties, temperature, top-k / top-p / min-p and seeded sampling, per request."""
+
+import torch
+
+from sfllm_core.engine.request_sequence import RequestSequence
+from sfllm_core.outputs import TokenLogprob
+
+
+class Sampler:
+    """Turns the last-position logits of a batch into one token per sequence.
+
+    Sampling draws from exponential noise (argmax of p / E, E ~ Exp(1), is a sample of p), so a
+    seeded request owns a generator and its tokens do not depend on what it was batched with.
+    Logprobs are those of the model's raw distribution, before penalties and temperature.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+            self._generators[device].manual_seed(self.seed)
+        return self._generators[device]
+
+    def __call__(self, logits: torch.Tensor, seqs: list[RequestSequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        raw_logprobs = None
+        if any(s.params.logprobs for s in seqs):
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_penalties(logits, seqs)
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=logits.device)
+            sampled = self._sample(logits[rows], [seqs[i] for i in sampled_rows])
+            tokens[rows] = sampled
+        token_list = tokens.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
+        if raw_logprobs is not None:
+            for i, s in enumerate(seqs):
+                if not s.params.logprobs:
+                    continue
+                top = []
+                if s.params.top_logprobs:
+                    values, ids = raw_logprobs[i].topk(s.params.top_logprobs)
+                    top = list(zip(ids.tolist(), values.tolist()))
+                logprobs[i] = TokenLogprob(token_list[i], raw_logprobs[i, token_list[i]].item(), top)
+        return token_list, logprobs
+
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[RequestSequence]) -> torch.Tensor:
+        rows = [
+            i
+            for i, s in enumerate(seqs)
+            if s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+        ]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        vocab = logits.shape[-1]
+        for i in rows:
+            p = seqs[i].params
+            row = logits[i]
+            if p.repetition_penalty != 1.0:
+                # CTRL-style: over every token seen so far, prompt included, as transformers does.
+                seen = torch.tensor(sorted(set(seqs[i].token_ids)), device=logits.device)
+                scores = row[seen]
+                row[seen] = torch.where(scores > 0, scores / p.repetition_penalty, scores * p.repetition_penalty)
+            if p.presence_penalty or p.frequency_penalty:
+                # OpenAI-style: over generated tokens only.
+                out = seqs[i].output_token_ids
+                if out:
+                    counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=vocab).to(row.dtype)
+                    row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, seqs: list[RequestSequence]) -> torch.Tensor:
+        device = logits.device
+        temps = torch.tensor([s.params.temperature for s in seqs], device=device, dtype=logits.dtype)
+        logits = logits / temps[:, None]
+        top_ks = [s.params.top_k for s in seqs]
+        if any(k > 0 for k in top_ks):
+            vocab = logits.shape[-1]
+            k = torch.tensor([k if k > 0 else vocab for k in top_ks], device=device)
+            kmax = int(k.max())
+            top_values = logits.topk(kmax, dim=-1).values
+            kth = top_values.gather(1, (k - 1).clamp(max=kmax - 1)[:, None])
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        top_ps = [s.params.top_p for s in seqs]
+        if any(p < 1.0 for p in top_ps):
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            cumulative = sorted_probs.cumsum(dim=-1)
+            top_p = torch.tensor(top_ps, device=device, dtype=probs.dtype)[:, None]
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            drop_sorted = (cumulative - sorted_probs) >= top_p
+            drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+            probs = probs.masked_fill(drop, 0.0)
+        min_ps = [s.params.min_p for s in seqs]
+        if any(p > 0.0 for p in min_ps):
+            min_p = torch.tensor(min_ps, device=device, dtype=probs.dtype)[:, None]
+            probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+        noise = torch.empty_like(probs).exponential_(generator=self._shared_generator(device))
+        for i, s in enumerate(seqs):
+            if s.params.seed is not None:
+                if s.generator is None or s.generator.device != device:
+                    s.generator = torch.Generator(device=device)
+                    s.generator.manual_seed(s.params.seed)
+                noise[i].exponential_(generator=s.generator)
+        return (probs / noise).argmax(dim=-1)

@@ -1,0 +1,68 @@
+"""What the model files share: the forward context, rope settings from a config, weight assignment."""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sfllm_core.errors import UnsupportedModelError
+from sfllm_core.layers.attention import AttentionBackend, BatchMetadata
+
+
+@dataclass
+class ForwardContext:
+    """One step's inputs beyond the token ids: attention backend, batch metadata, per-layer KV cache."""
+
+    backend: AttentionBackend
+    meta: BatchMetadata
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def rope_settings(config, layer_type: str | None = None) -> tuple[float, float]:
+    """(base, linear scaling factor) for a layer type, from transformers 5's rope_parameters."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if layer_type is not None and layer_type in params:
+        params = params[layer_type]
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in ("default", "linear"):
+        raise UnsupportedModelError(f"rope_type {rope_type!r} is not supported (default and linear are)")
+    base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    factor = params.get("factor", 1.0) if rope_type == "linear" else 1.0
+    return float(base), float(factor)
+
+
+def sliding_windows(config) -> list[int | None]:
+    """Per-layer sliding window (None for full attention), from config.layer_types."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    return [window if t == "sliding_attention" and window else None for t in layer_types]
+
+
+def assign_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor, str]], tied: bool) -> None:
+    """Copy named tensors into the model's parameters, failing loudly on any mismatch.
+
+    `weights` yields (name, tensor, source file). With tied embeddings lm_head shares embed_tokens,
+    so an lm_head tensor in the checkpoint is ignored and its absence is fine.
+    """
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor, source in weights:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if tied and name == "lm_head.weight":
+            continue
+        param = params.get(name)
+        if param is None:
+            raise UnsupportedModelError(f"{source}: unexpected tensor {name!r} for {type(model).__name__}")
+        if param.shape != tensor.shape:
+            raise UnsupportedModelError(
+                f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+            )
+        with torch.no_grad():
+            param.copy_(tensor)
+        loaded.add(name)
+    missing = sorted(set(params) - loaded - ({"lm_head.weight"} if tied else set()))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UnsupportedModelError(f"checkpoint is missing tensors: {shown}")

@@ -1,0 +1,117 @@
+"""Gemma3 (text): sliding-window layers interleaved with global ones, four norms per layer, GELU-tanh MLP."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sfllm_core.layers.norms import GemmaRMSNorm
+from sfllm_core.layers.rotary import RotaryEmbedding
+from sfllm_core.models.common import ForwardContext, rope_settings, sliding_windows
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, sliding_window: int | None) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = getattr(config, "attention_bias", False)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
+        self.rotary = rotary
+        self.sliding_window = sliding_window
+        # Gemma scales queries by query_pre_attn_scalar, not head_dim.
+        self.scale = config.query_pre_attn_scalar**-0.5
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        n = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(n, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        k_cache, v_cache = ctx.kv_caches[self.layer_id]
+        o = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, sliding_window: int | None) -> None:
+        super().__init__()
+        self.self_attn = Gemma3Attention(config, layer_id, rotary, sliding_window)
+        self.mlp = Gemma3MLP(config)
+        eps = config.rms_norm_eps
+        self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+
+    def forward(self, positions: torch.Tensor, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = h + self.post_attention_layernorm(self.self_attn(positions, self.input_layernorm(h), ctx))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+
+
+class Gemma3TextModel(nn.Module):
+    def __init__(self, config) -> None:
+        super().__init__()
+        windows = sliding_windows(config)
+        local_base, local_factor = rope_settings(config, "sliding_attention")
+        global_base, global_factor = rope_settings(config, "full_attention")
+        max_pos = config.max_position_embeddings
+        self.rotary_local = RotaryEmbedding(config.head_dim, local_base, max_pos, local_factor)
+        self.rotary_global = RotaryEmbedding(config.head_dim, global_base, max_pos, global_factor)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_scale = config.hidden_size**0.5
+        self.layers = nn.ModuleList(
+            Gemma3DecoderLayer(
+                config, i, self.rotary_local if windows[i] is not None else self.rotary_global, windows[i]
+            )
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        # The scale is rounded to the activation dtype first, as the reference does.
+        h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        for layer in self.layers:
+            h = layer(positions, h, ctx)
+        return self.norm(h)
+
+
+class Gemma3ForCausalLM(nn.Module):
+    """Token ids in, final hidden states out; `compute_logits` projects (and soft-caps) sampled rows."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Gemma3TextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "tie_word_embeddings", True):
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        return self.model(input_ids, positions, ctx)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden).float()
+        if self.final_logit_softcapping:
+            cap = self.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return logits

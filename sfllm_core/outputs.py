@@ -1,0 +1,53 @@
+"""What the engine hands back: per-step deltas for streaming, whole results for offline use."""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+
+
+@dataclass
+class StepOutput:
+    """New tokens of one request from one engine step; the last one has finished=True."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_token_id: int | None = None  # the stop/eos token that ended it (not part of token_ids)
+    logprobs: list[TokenLogprob] | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error: str | None = None
+
+
+@dataclass
+class GenerationOutput:
+    """A finished request, as `InferenceEngine.generate` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str
+    text: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class EngineLoad:
+    """A snapshot for routers and metrics."""
+
+    num_running: int
+    num_waiting: int
+    kv_pages_used: int
+    kv_pages_total: int
+    prefix_cache_hit_rate: float = 0.0
+    num_preemptions: int = 0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0
