@@ -75,7 +75,10 @@ class InferenceEngine:
         self.max_context_length = min(config.max_context_length or min(model_max, DEFAULT_MAX_CONTEXT), model_max)
         self.pool = self._build_pool()
         self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.pool, self._build_backend(), self.device)
+        graph_batch = min(config.cuda_graph_max_batch, config.max_num_seqs) if config.cuda_graphs else 0
+        self.runner = ModelRunner(
+            self.model, self.pool, self._build_backend(), self.device, self.max_context_length, graph_batch
+        )
         self.sampler = Sampler(config.seed)
 
         self._seqs: dict[str, RequestSequence] = {}
@@ -86,8 +89,13 @@ class InferenceEngine:
         self._stopping = False
         logger.info(
             "engine ready: model=%s device=%s dtype=%s context=%d kv_pages=%d page_size=%d load_s=%.1f",
-            self.model_name, self.device, self.dtype, self.max_context_length, self.pool.num_pages,
-            self.pool.page_size, time.perf_counter() - start,
+            self.model_name,
+            self.device,
+            self.dtype,
+            self.max_context_length,
+            self.pool.num_pages,
+            self.pool.page_size,
+            time.perf_counter() - start,
         )
 
     # ---- construction -------------------------------------------------------------------------
@@ -127,8 +135,14 @@ class InferenceEngine:
         if num_pages < 1:
             raise InvalidRequestError("the KV cache budget holds no page; raise kv_cache_memory_gb", "num_pages")
         return MemoryPool(
-            num_pages, cfg.page_size, mc.num_hidden_layers, mc.num_key_value_heads, head_dim,
-            self.dtype, self.device, cfg.enable_prefix_caching,
+            num_pages,
+            cfg.page_size,
+            mc.num_hidden_layers,
+            mc.num_key_value_heads,
+            head_dim,
+            self.dtype,
+            self.device,
+            cfg.enable_prefix_caching,
         )
 
     def _build_backend(self) -> AttentionBackend:
@@ -221,6 +235,11 @@ class InferenceEngine:
     def has_work(self) -> bool:
         with self._cv:
             return bool(self._inbox) or self.scheduler.has_work()
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Tokens the KV cache holds in all: no request may need more."""
+        return self.pool.num_pages * self.pool.page_size
 
     def get_load(self) -> EngineLoad:
         return EngineLoad(
@@ -391,6 +410,7 @@ class InferenceEngine:
             self._finish(seq, "abort")
             outputs.append(self._output(seq, [], None, finished=True))
         self._deliver(outputs)
+
 
 def _served_name(requested: str | None, path: str | None) -> str:
     if path is None:

@@ -28,7 +28,10 @@ class MemoryPool:
         self.num_pages = num_pages
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
-        shape = (num_pages * page_size, num_kv_heads, head_dim)
+        # One extra page at the end that is never handed out: padding rows of captured decode
+        # graphs write their K/V there.
+        self.scratch_page = num_pages
+        shape = ((num_pages + 1) * page_size, num_kv_heads, head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(num_layers)

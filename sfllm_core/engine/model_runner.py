@@ -1,4 +1,12 @@
-"""ModelRunner: turns a scheduled batch into tensors, runs the model, returns last-token logits."""
+"""ModelRunner: turns a scheduled batch into tensors, runs the model, returns last-token logits.
+
+On CUDA, pure-decode steps replay CUDA graphs captured at start for a ladder of batch sizes: the
+batch is padded up to the next captured size, padding rows write their K/V into a scratch page
+the pool never hands out, and their logits are dropped. Larger batches and prefills run eagerly.
+"""
+
+import logging
+import time
 
 import torch
 
@@ -7,15 +15,76 @@ from sfllm_core.engine.scheduler import ScheduledBatch
 from sfllm_core.layers.attention import AttentionBackend, BatchMetadata
 from sfllm_core.models.common import ForwardContext
 
+logger = logging.getLogger("sfllm.runner")
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 to 64, of 16 to 256, of 32 beyond, up to max_batch."""
+    sizes, size = [], 1
+    while size <= max_batch:
+        sizes.append(size)
+        size = size * 2 if size < 8 else size + (8 if size < 64 else 16 if size < 256 else 32)
+    if sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+class _DecodeGraphs:
+    """Static input buffers and one captured graph per ladder size."""
+
+    def __init__(self, runner: "ModelRunner", max_batch: int, max_pages: int) -> None:
+        dev = runner.device
+        self.sizes = graph_batch_sizes(max_batch)
+        self.max_pages = max_pages
+        n = self.sizes[-1]
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.page_table = torch.zeros(n, max_pages, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def meta(self, size: int, page_size: int, max_seq_len: int) -> BatchMetadata:
+        return BatchMetadata(
+            positions=self.positions[:size],
+            slot_mapping=self.slot_mapping[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            page_table=self.page_table[:size],
+            logits_indices=self.logits_indices[:size],
+            page_size=page_size,
+            num_decodes=size,
+            max_query_len=1,
+            max_seq_len=max_seq_len,
+        )
+
 
 class ModelRunner:
     """Owns the model, the attention backend and the device side of a step."""
 
-    def __init__(self, model: torch.nn.Module, pool: MemoryPool, backend: AttentionBackend, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pool: MemoryPool,
+        backend: AttentionBackend,
+        device: torch.device,
+        max_context_length: int,
+        cuda_graph_max_batch: int = 0,
+    ) -> None:
         self.model = model
         self.pool = pool
         self.backend = backend
         self.device = device
+        self.max_context_length = max_context_length
+        self.graphs: _DecodeGraphs | None = None
+        if device.type == "cuda" and cuda_graph_max_batch > 0:
+            self._capture(cuda_graph_max_batch)
+
+    # ---- batch preparation --------------------------------------------------------------------
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, BatchMetadata, list[int]]:
         """Flat input ids, batch metadata, and the batch rows whose last token is sampled this step."""
@@ -45,8 +114,9 @@ class ModelRunner:
         num_decodes = sum(1 for n in batch.num_new_tokens if n == 1)
         dev = self.device
 
-        def tensor(values: list[int], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            t = torch.tensor(values, dtype=dtype)
+            return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
         meta = BatchMetadata(
             positions=tensor(positions, torch.int64),
@@ -64,9 +134,13 @@ class ModelRunner:
         )
         return tensor(input_ids, torch.int64), meta, sample_rows
 
+    # ---- execution ----------------------------------------------------------------------------
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
         """Run one step; returns logits [len(sample_rows), vocab] (float32) and sample_rows."""
+        if self.graphs is not None and self._graph_fits(batch):
+            return self._replay(batch), list(range(len(batch.seqs)))
         input_ids, meta, sample_rows = self.prepare(batch)
         self.backend.prepare(meta)
         ctx = ForwardContext(self.backend, meta, self.pool.kv_caches)
@@ -74,3 +148,72 @@ class ModelRunner:
         if not sample_rows:
             return None, sample_rows
         return self.model.compute_logits(hidden[meta.logits_indices]), sample_rows
+
+    def _graph_fits(self, batch: ScheduledBatch) -> bool:
+        return (
+            len(batch.seqs) <= self.graphs.sizes[-1]
+            and all(n == 1 for n in batch.num_new_tokens)
+            and all(s.num_computed_tokens + 1 == s.num_tokens for s in batch.seqs)
+        )
+
+    def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
+        g = self.graphs
+        b = len(batch.seqs)
+        size = next(s for s in g.sizes if s >= b)
+        page_size = self.pool.page_size
+        scratch_slot = self.pool.scratch_page * page_size
+        ids, pos, slots, lens = [], [], [], []
+        table = torch.full((size, g.max_pages), self.pool.scratch_page, dtype=torch.int32)
+        for i, seq in enumerate(batch.seqs):
+            p = seq.num_computed_tokens
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(seq.pages[p // page_size] * page_size + p % page_size)
+            lens.append(p + 1)
+            table[i, : len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
+        pad = size - b
+        host = torch.tensor(
+            [ids + [0] * pad, pos + [0] * pad, slots + [scratch_slot] * pad, lens + [1] * pad], dtype=torch.int64
+        )
+        host = host.pin_memory()
+        g.input_ids[:size].copy_(host[0], non_blocking=True)
+        g.positions[:size].copy_(host[1], non_blocking=True)
+        g.slot_mapping[:size].copy_(host[2], non_blocking=True)
+        g.seq_lens[:size].copy_(host[3], non_blocking=True)
+        g.page_table[:size].copy_(table.pin_memory(), non_blocking=True)
+        g.graphs[size].replay()
+        return g.outputs[size][:b]
+
+    def _capture(self, max_batch: int) -> None:
+        start = time.perf_counter()
+        max_pages = -(-self.max_context_length // self.pool.page_size)
+        g = _DecodeGraphs(self, max_batch, max_pages)
+        self.graphs = g
+        scratch = self.pool.scratch_page
+        g.page_table.fill_(scratch)
+        g.slot_mapping.fill_(scratch * self.pool.page_size)
+        for size in reversed(g.sizes):
+            meta = g.meta(size, self.pool.page_size, self.max_context_length)
+
+            def run(meta=meta, size=size) -> torch.Tensor:
+                self.backend.prepare(meta)
+                ctx = ForwardContext(self.backend, meta, self.pool.kv_caches)
+                hidden = self.model(g.input_ids[:size], meta.positions, ctx)
+                return self.model.compute_logits(hidden)
+
+            with torch.inference_mode():
+                run()  # warm up: compiles kernels and settles allocations outside the capture
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=g.pool):
+                    g.outputs[size] = run()
+            g.graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+        logger.info(
+            "captured %d decode CUDA graphs (batch %d..%d) in %.1f s",
+            len(g.sizes),
+            g.sizes[0],
+            g.sizes[-1],
+            time.perf_counter() - start,
+        )
+        self.capture_seconds = time.perf_counter() - start

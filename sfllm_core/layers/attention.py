@@ -48,7 +48,7 @@ class AttentionBackend(ABC):
     Models call only `forward`; ModelRunner calls `prepare` once per step before the forward pass.
     """
 
-    def prepare(self, meta: BatchMetadata) -> None:
+    def prepare(self, meta: BatchMetadata) -> None:  # noqa: B027 (optional hook)
         """Per-step precomputation shared by all layers (default: nothing)."""
 
     @abstractmethod
@@ -66,7 +66,9 @@ class AttentionBackend(ABC):
         ...
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
     """Store new keys and values in their cache slots."""
     k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.index_copy_(0, slots, v.to(v_cache.dtype))

@@ -24,7 +24,9 @@ class Sampler:
             self._generators[device].manual_seed(self.seed)
         return self._generators[device]
 
-    def __call__(self, logits: torch.Tensor, seqs: list[RequestSequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+    def __call__(
+        self, logits: torch.Tensor, seqs: list[RequestSequence]
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
         raw_logprobs = None
         if any(s.params.logprobs for s in seqs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)

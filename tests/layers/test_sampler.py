@@ -1,0 +1,85 @@
+"""Sampler behaviour on hand-made logits."""
+
+import torch
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+from sfllm_core.engine.request_sequence import RequestSequence
+from sfllm_core.layers.sampler import Sampler
+from sfllm_core.sampling_params import SamplingParams
+
+
+def _seq(prompt=(1, 2, 3), output=(), **params) -> RequestSequence:
+    seq = RequestSequence("r", list(prompt), SamplingParams(**params))
+    seq.token_ids += list(output)
+    return seq
+
+
+def _draws(params: dict, logits: torch.Tensor, n: int = 2000) -> torch.Tensor:
+    sampler = Sampler(seed=0)
+    seqs = [_seq(**params) for _ in range(n)]
+    tokens, _ = sampler(logits.expand(n, -1).clone(), seqs)
+    return torch.bincount(torch.tensor(tokens), minlength=logits.shape[-1]).float() / n
+
+
+LOGITS = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]])
+
+
+def test_greedy_is_argmax():
+    tokens, _ = Sampler()(torch.randn(5, 50), [_seq(temperature=0.0) for _ in range(5)])
+    assert len(tokens) == 5
+    logits = torch.randn(5, 50)
+    assert Sampler()(logits, [_seq(temperature=0.0) for _ in range(5)])[0] == logits.argmax(-1).tolist()
+
+
+def test_temperature_sampling_follows_softmax():
+    freq = _draws(dict(temperature=1.0), LOGITS, n=4000)
+    expected = torch.softmax(LOGITS[0], -1)
+    assert (freq - expected).abs().max() < 0.03
+
+
+def test_top_k_top_p_min_p_restrict_the_support():
+    assert set(_draws(dict(temperature=1.0, top_k=2), LOGITS).nonzero().flatten().tolist()) == {0, 1}
+    # softmax(LOGITS) = [.41, .25, .15, .06, ...]: top_p 0.6 keeps the first two (0.41 < 0.6 <= 0.66).
+    assert set(_draws(dict(temperature=1.0, top_p=0.6), LOGITS).nonzero().flatten().tolist()) == {0, 1}
+    # min_p 0.3 keeps tokens with p >= 0.3 * 0.41: ids 0, 1, 2.
+    assert set(_draws(dict(temperature=1.0, min_p=0.3), LOGITS).nonzero().flatten().tolist()) == {0, 1, 2}
+    assert _draws(dict(temperature=1.0, top_k=1), LOGITS)[0] == 1.0
+
+
+def test_seeded_requests_repeat_regardless_of_batch():
+    logits = torch.randn(1, 100)
+    alone_seq, batched_seq = _seq(temperature=1.0, seed=42), _seq(temperature=1.0, seed=42)
+    alone_sampler, batched_sampler = Sampler(seed=1), Sampler(seed=7)
+    alone, batched = [], []
+    for step in range(6):
+        alone.append(alone_sampler(logits.clone(), [alone_seq])[0][0])
+        others = [_seq(temperature=1.0) for _ in range(step % 3)]
+        batched.append(batched_sampler(logits.expand(1 + len(others), -1).clone(), others + [batched_seq])[0][-1])
+    assert alone == batched
+    assert len(set(alone)) > 1  # it is sampling, not argmax
+
+
+def test_repetition_penalty_matches_transformers():
+    logits = torch.randn(1, 20)
+    seq = _seq(prompt=(1, 5, 7), output=(7, 9), repetition_penalty=1.3)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([seq.token_ids]), logits.clone())
+    assert torch.allclose(Sampler()._apply_penalties(logits, [seq]), expected)
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    logits = torch.zeros(1, 10)
+    seq = _seq(prompt=(1, 2), output=(3, 3, 4), presence_penalty=0.5, frequency_penalty=0.25)
+    out = Sampler()._apply_penalties(logits, [seq])[0]
+    assert out[3].item() == -(0.5 + 2 * 0.25)
+    assert out[4].item() == -(0.5 + 0.25)
+    assert out[1].item() == 0.0 and out[2].item() == 0.0
+
+
+def test_logprobs_are_the_raw_distribution():
+    logits = torch.randn(2, 30)
+    seqs = [_seq(temperature=0.0, logprobs=True, top_logprobs=3), _seq(temperature=0.0)]
+    tokens, logprobs = Sampler()(logits, seqs)
+    expected = torch.log_softmax(logits[0], -1)
+    assert logprobs[1] is None
+    assert abs(logprobs[0].logprob - expected[tokens[0]].item()) < 1e-6
+    assert [t for t, _ in logprobs[0].top] == expected.topk(3).indices.tolist()
