@@ -1,0 +1,1 @@
+"""The worker API protobufs and their generated stubs."""

@@ -1,0 +1,1 @@
+"""SFLLM protobuf packages."""

@@ -1,0 +1,1 @@
+"""sfllm.v1: the worker API (worker.proto) and its generated stubs."""

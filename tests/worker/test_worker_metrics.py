@@ -1,0 +1,79 @@
+"""The /metrics endpoint: vLLM's metric names with the sfllm: prefix, moving as requests run."""
+
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from worker.client import WorkerClient
+
+PROMPT = "hello world, this is"
+NAMES = [
+    "sfllm:num_requests_running",
+    "sfllm:num_requests_waiting",
+    "sfllm:kv_cache_usage_perc",
+    "sfllm:time_to_first_token_seconds",
+    "sfllm:inter_token_latency_seconds",
+    "sfllm:e2e_request_latency_seconds",
+    "sfllm:prompt_tokens_total",
+    "sfllm:generation_tokens_total",
+    "sfllm:request_success_total",
+]
+
+
+def scrape(worker) -> dict[tuple[str, tuple], float]:
+    """Every sample as {(name, sorted labels without model_name): value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.server.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))
+            samples[(s.name, labels)] = s.value
+    return samples
+
+
+def _value(samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metric_names_are_exposed_and_counters_move(worker):
+    with WorkerClient(worker.target, timeout=30) as client:
+        client.generate(PROMPT, max_tokens=2, temperature=0, ignore_eos=True)  # every labelled series exists now
+        before = scrape(worker)
+        names = {name for name, _ in before}
+        for name in NAMES:
+            assert name in names or name + "_count" in names, name
+        result = client.generate(PROMPT, max_tokens=5, temperature=0, ignore_eos=True)
+        after = scrape(worker)
+
+    def moved(name: str, **labels: str) -> float:
+        return _value(after, name, **labels) - _value(before, name, **labels)
+
+    assert moved("sfllm:prompt_tokens_total") == result.num_prompt_tokens
+    assert moved("sfllm:generation_tokens_total") == 5
+    assert moved("sfllm:request_success_total", finished_reason="length") == 1
+    assert moved("sfllm:time_to_first_token_seconds_count") == 1
+    assert moved("sfllm:e2e_request_latency_seconds_count") == 1
+    assert moved("sfllm:inter_token_latency_seconds_count") == 4
+    assert moved("sfllm:e2e_request_latency_seconds_sum") > 0
+
+
+def test_load_gauges_follow_running_requests(make_worker):
+    worker = make_worker(pace=0.02)
+    with WorkerClient(worker.target, timeout=30) as client:
+        idle = scrape(worker)
+        assert _value(idle, "sfllm:num_requests_running") == 0 and _value(idle, "sfllm:kv_cache_usage_perc") == 0
+        stream = client.stream(PROMPT, max_tokens=400, temperature=0, ignore_eos=True, request_id="gauged")
+        next(stream)
+        busy = scrape(worker)
+        assert _value(busy, "sfllm:num_requests_running") == 1
+        assert _value(busy, "sfllm:kv_cache_usage_perc") > 0
+        stream.close()  # cancel: counted as an abort
+        deadline = time.monotonic() + 10
+        while _value(scrape(worker), "sfllm:num_requests_running") != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        done = scrape(worker)
+        assert _value(done, "sfllm:kv_cache_usage_perc") == 0
+        assert _value(done, "sfllm:request_success_total", finished_reason="abort") == 1

@@ -1,0 +1,169 @@
+"""The worker process: health while loading and draining, reflection, queue bounds, SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from protos.sfllm.v1 import worker_pb2 as pb
+from worker.client import WorkerClient
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT = "hello world, this is"
+
+
+def _wait_health(client: WorkerClient, status: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.health() != status:
+        assert time.monotonic() < deadline, f"health never became {status}"
+        time.sleep(0.01)
+
+
+def test_not_serving_while_loading_then_serving(make_worker):
+    worker = make_worker(load=False)
+    with WorkerClient(worker.target, timeout=30) as client:
+        assert client.health() == "NOT_SERVING"
+        assert client.health("sfllm.v1.Worker") == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate(PROMPT, max_tokens=2)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in info.value.details()
+        worker.load(timeout=120)
+        assert client.health() == "SERVING" and client.health("sfllm.v1.Worker") == "SERVING"
+        assert client.generate(PROMPT, max_tokens=2).finish_reason is not None
+
+
+def test_reflection_lists_and_describes_the_services(worker):
+    with grpc.insecure_channel(worker.target) as channel:
+        db = ProtoReflectionDescriptorDatabase(channel)
+        services = set(db.get_services())
+        assert {"sfllm.v1.Worker", "grpc.health.v1.Health"} <= services
+        service = DescriptorPool(db).FindServiceByName("sfllm.v1.Worker")
+        assert [m.name for m in service.methods] == ["Generate", "Abort", "GetModelInfo", "GetLoad"]
+
+
+def test_drain_keeps_streams_going_and_refuses_new_work(make_worker):
+    worker = make_worker(pace=0.02)
+    with WorkerClient(worker.target, timeout=30) as client:
+        streams = [client.stream(PROMPT, max_tokens=30, temperature=0, ignore_eos=True) for _ in range(2)]
+        for stream in streams:
+            assert next(stream).HasField("prompt")
+        drained = worker.drain(timeout=30)
+        _wait_health(client, "NOT_SERVING")
+        assert client.health("sfllm.v1.Worker") == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate(PROMPT, max_tokens=2)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in info.value.details()
+        assert not drained.done()
+        for stream in streams:
+            rest = list(stream)
+            assert rest[-1].finished.finish_reason == pb.FINISH_REASON_LENGTH
+            assert sum(len(r.delta.token_ids) for r in rest) == 30
+        drained.result(timeout=10)
+
+
+def test_drain_that_runs_out_of_time_aborts_the_rest(make_worker):
+    worker = make_worker(pace=0.02)
+    with WorkerClient(worker.target, timeout=30) as client:
+        stream = client.stream(PROMPT, max_tokens=400, temperature=0, ignore_eos=True)
+        next(stream)
+        worker.drain(timeout=0.2).result(timeout=10)
+        assert list(stream)[-1].finished.finish_reason == pb.FINISH_REASON_ABORT
+
+
+def test_a_full_queue_is_resource_exhausted_with_a_retry_hint(make_worker):
+    worker = make_worker(pace=0.01, max_num_seqs=1, max_waiting=1, retry_after_ms=250)
+    with WorkerClient(worker.target, timeout=30) as client:
+        running = client.stream(PROMPT, max_tokens=400, temperature=0, ignore_eos=True, request_id="running")
+        next(running)
+        waiting: list = []
+        waiter = threading.Thread(target=lambda: waiting.append(client.generate(PROMPT, max_tokens=2)))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while client.load().num_requests_waiting < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate(PROMPT, max_tokens=2)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert dict(info.value.trailing_metadata())["retry-after-ms"] == "250"
+        client.abort(["running"])
+        waiter.join(timeout=10)
+        assert waiting[0].finish_reason == "length"
+        assert list(running)[-1].finished.finish_reason == pb.FINISH_REASON_ABORT
+
+
+def _read_log(path: Path) -> list[dict]:
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # not ours (a library printing to stderr)
+    return lines
+
+
+def test_sigterm_drains_in_flight_streams_then_exits(qwen3_path, tmp_path):
+    log_path = tmp_path / "worker.log"
+    command = [sys.executable, "-m", "worker", "--model", str(qwen3_path), "--host", "127.0.0.1", "--port", "0"]
+    command += [
+        "--metrics-host",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--max-context-length",
+        "256",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=log_file, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(line.get("msg") == "serving" for line in _read_log(log_path)):
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "worker did not start"
+            time.sleep(0.1)
+        port = next(line["port"] for line in _read_log(log_path) if line.get("msg") == "serving")
+        with WorkerClient(f"127.0.0.1:{port}", timeout=30) as client:
+            room = client.model_info().max_context_length - 16
+            streams = [
+                client.stream(token_ids=[7] * 8, max_tokens=room, temperature=0, ignore_eos=True) for _ in range(4)
+            ]
+            for stream in streams:
+                next(stream)
+            proc.send_signal(signal.SIGTERM)
+            # Health turns NOT_SERVING once the signal is handled (the port may close first if the
+            # streams finish before this look, as they keep arriving from the client's buffer).
+            deadline = time.monotonic() + 10
+            status = "SERVING"
+            while status == "SERVING" and time.monotonic() < deadline:
+                try:
+                    status = client.health()
+                except grpc.RpcError as exc:
+                    status = exc.code().name
+            assert status in ("NOT_SERVING", "UNAVAILABLE")
+            for stream in streams:
+                rest = list(stream)
+                assert rest[-1].finished.finish_reason == pb.FINISH_REASON_LENGTH
+                assert sum(len(r.delta.token_ids) for r in rest) == room
+        assert proc.wait(timeout=60) == 0
+        messages = [line.get("msg") for line in _read_log(log_path)]
+        assert messages.index("draining") < messages.index("stopped")
+        requests = [line for line in _read_log(log_path) if line.get("msg") == "generate"]
+        assert len(requests) == 4 and all(r["status"] == "OK" for r in requests)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

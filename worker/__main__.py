@@ -1,0 +1,5 @@
+"""`python -m worker`: the same as `sfllm-worker`."""
+
+from worker.server import main
+
+main()

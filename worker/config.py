@@ -1,0 +1,135 @@
+"""WorkerConfig: the worker's one configuration object, built from CLI flags and environment here only."""
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+from sfllm_core.config import EngineConfig
+
+ENV_PREFIX = "SFLLM_"
+
+
+@dataclass
+class WorkerConfig:
+    """Everything `sfllm-worker` can be told; each field is also read from SFLLM_<FIELD_NAME_UPPER>."""
+
+    model: str | None = None  # HF checkpoint folder or GGUF file; None: the packaged Gemma 3 270M
+    served_model_name: str | None = None  # default: the engine's model name
+    host: str = "0.0.0.0"
+    port: int = 50051  # 0: pick a free port
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 8001  # Prometheus /metrics over HTTP; 0: pick a free port
+    dtype: str = "auto"
+    device: str = "auto"
+    max_context_length: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_waiting: int = 1024  # queue bound; past it Generate answers RESOURCE_EXHAUSTED
+    page_size: int = 16
+    num_pages: int | None = None
+    kv_cache_memory_gb: float | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    cuda_graphs: bool = True
+    seed: int = 0
+    max_n: int = 16  # most completions one Generate call may ask for
+    max_stop_strings: int = 16
+    drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight streams may run before they are aborted
+    retry_after_ms: int = 1000  # the hint sent with RESOURCE_EXHAUSTED
+    log_level: str = "info"
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's part of this configuration."""
+        return EngineConfig(
+            model_path=self.model,
+            served_model_name=self.served_model_name,
+            dtype=self.dtype,
+            device=self.device,
+            max_context_length=self.max_context_length,
+            page_size=self.page_size,
+            num_pages=self.num_pages,
+            kv_cache_memory_gb=self.kv_cache_memory_gb,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_waiting=self.max_waiting,
+            enable_prefix_caching=self.enable_prefix_caching,
+            attention_backend=self.attention_backend,
+            cuda_graphs=self.cuda_graphs,
+            seed=self.seed,
+        )
+
+    @classmethod
+    def from_cli(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> "WorkerConfig":
+        """Parse flags; a flag not given falls back to its SFLLM_* environment variable, then the default."""
+        env = os.environ if env is None else env
+        parser = _parser()
+        args = parser.parse_args(argv)
+        values = {}
+        for f in fields(cls):
+            value = getattr(args, f.name)
+            if value is None and ENV_PREFIX + f.name.upper() in env:
+                try:
+                    value = _from_env(f.name, env[ENV_PREFIX + f.name.upper()])
+                except ValueError as exc:
+                    parser.error(f"{ENV_PREFIX}{f.name.upper()}: {exc}")
+            if value is not None:
+                values[f.name] = value
+        return cls(**values)
+
+
+_INT_OR_NONE = ("max_context_length", "num_pages")
+_BOOLS = ("enable_prefix_caching", "cuda_graphs")
+
+
+def _from_env(name: str, raw: str) -> object:
+    default = next(f.default for f in fields(WorkerConfig) if f.name == name)
+    if name in _BOOLS:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {raw!r}")
+    if name in _INT_OR_NONE:
+        return int(raw)
+    if name == "kv_cache_memory_gb":
+        return float(raw)
+    if isinstance(default, str) or default is None:
+        return raw
+    return type(default)(raw)
+
+
+def _parser() -> argparse.ArgumentParser:
+    # Every default is None so from_cli can tell "not given" from "given" and consult the environment.
+    p = argparse.ArgumentParser(
+        prog="sfllm-worker",
+        description="Serve one model over gRPC (sfllm.v1.Worker), with health, reflection and Prometheus metrics.",
+        epilog="Every flag can also be set as an environment variable, e.g. --max-num-seqs as SFLLM_MAX_NUM_SEQS.",
+        argument_default=None,
+    )
+    d = WorkerConfig
+    p.add_argument("--model", help="HF checkpoint folder or .gguf file (default: the packaged Gemma 3 270M)")
+    p.add_argument("--served-model-name", help="name reported to clients (default: from the model)")
+    p.add_argument("--host", help=f"gRPC bind address (default {d.host})")
+    p.add_argument("--port", type=int, help=f"gRPC port (default {d.port}; 0 picks a free one)")
+    p.add_argument("--metrics-host", help=f"metrics bind address (default {d.metrics_host})")
+    p.add_argument("--metrics-port", type=int, help=f"Prometheus metrics port (default {d.metrics_port})")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights and KV dtype")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--max-context-length", type=int, help="tokens per sequence (default: the model's, capped)")
+    p.add_argument("--max-num-seqs", type=int, help=f"sequences batched at once (default {d.max_num_seqs})")
+    p.add_argument("--max-num-batched-tokens", type=int, help=f"tokens per step (default {d.max_num_batched_tokens})")
+    p.add_argument("--max-waiting", type=int, help=f"queue bound before RESOURCE_EXHAUSTED (default {d.max_waiting})")
+    p.add_argument("--page-size", type=int, help=f"KV cache page size in tokens (default {d.page_size})")
+    p.add_argument("--num-pages", type=int, help="KV cache pages (default: sized from --kv-cache-memory-gb)")
+    p.add_argument("--kv-cache-memory-gb", type=float, help="KV cache memory (default: 1 on CPU, 90%% free on GPU)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_const", const=False)
+    p.add_argument("--attention-backend", choices=["auto", "torch", "triton"])
+    p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False)
+    p.add_argument("--seed", type=int, help="engine seed for unseeded sampling")
+    p.add_argument("--max-n", type=int, help=f"most completions per request (default {d.max_n})")
+    p.add_argument("--max-stop-strings", type=int, help=f"most stop strings per request (default {d.max_stop_strings})")
+    p.add_argument("--drain-timeout-s", type=float, help=f"SIGTERM drain limit (default {d.drain_timeout_s})")
+    p.add_argument("--retry-after-ms", type=int, help="retry hint sent with RESOURCE_EXHAUSTED")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    return p

@@ -1,0 +1,106 @@
+"""WorkerMetrics: the worker's Prometheus metrics, named like vLLM's with the sfllm: prefix."""
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sfllm_core.outputs import EngineLoad
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class _LoadCollector(Collector):
+    """Reads the engine's load once per scrape, so the three gauges come from one snapshot."""
+
+    def __init__(self) -> None:
+        self.model_name = ""
+        self.get_load: Callable[[], EngineLoad] | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        if self.get_load is None:  # still loading: nothing to report yet
+            return
+        load = self.get_load()
+        gauges = (
+            ("sfllm:num_requests_running", "Number of requests in model execution batches.", load.num_running),
+            ("sfllm:num_requests_waiting", "Number of requests waiting to be processed.", load.num_waiting),
+            ("sfllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", load.kv_cache_usage),
+        )
+        for name, doc, value in gauges:
+            family = GaugeMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
+
+
+class WorkerMetrics:
+    """One registry per worker (tests run several in one process), served on its own HTTP port."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._load = _LoadCollector()
+        self.registry.register(self._load)
+        labels = ["model_name"]
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "sfllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            labels,
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "sfllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            labels,
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e_request_latency = Histogram(
+            "sfllm:e2e_request_latency_seconds",
+            "Histogram of end to end request latency in seconds.",
+            labels,
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("sfllm:prompt_tokens", "Number of prefill tokens processed.", labels, registry=r)
+        self.generation_tokens = Counter(
+            "sfllm:generation_tokens", "Number of generation tokens processed.", labels, registry=r
+        )
+        self.request_success = Counter(
+            "sfllm:request_success", "Count of finished requests.", labels + ["finished_reason"], registry=r
+        )
+        self._model_name = ""
+        self._httpd = None
+
+    def bind_engine(self, model_name: str, get_load: Callable[[], EngineLoad]) -> None:
+        """Start reporting the engine's load gauges, labelled with the served model name."""
+        self._model_name = model_name
+        self._load.model_name = model_name
+        self._load.get_load = get_load
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics over HTTP in a background thread; return the bound port."""
+        self._httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+        return self._httpd.server_port
+
+    def close(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.time_to_first_token.labels(self._model_name).observe(seconds)
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self.inter_token_latency.labels(self._model_name).observe(seconds)
+
+    def observe_finished(self, finish_reason: str, seconds: float, prompt_tokens: int, generation_tokens: int) -> None:
+        """Record one finished engine request (one completion of a Generate call)."""
+        self.e2e_request_latency.labels(self._model_name).observe(seconds)
+        self.prompt_tokens.labels(self._model_name).inc(prompt_tokens)
+        self.generation_tokens.labels(self._model_name).inc(generation_tokens)
+        self.request_success.labels(self._model_name, finish_reason).inc()
