@@ -153,14 +153,17 @@ def load_tokenizer(path: str, cache_dir: str | None = None) -> transformers.PreT
     return tokenizer
 
 
-def default_eos_token_ids(config: PretrainedConfig, tokenizer: transformers.PreTrainedTokenizerBase) -> list[int]:
+def default_eos_token_ids(
+    config: PretrainedConfig, tokenizer: transformers.PreTrainedTokenizerBase | None
+) -> list[int]:
     """Every token id that ends generation: the config's eos ids, the tokenizer's eos, and end-of-turn tokens."""
     ids: list[int] = []
     eos = getattr(config, "eos_token_id", None)
     ids.extend(eos if isinstance(eos, list | tuple) else [eos])
-    ids.append(tokenizer.eos_token_id)
-    vocab = tokenizer.get_vocab()
-    ids.extend(vocab.get(token) for token in _END_OF_TURN_TOKENS)
+    if tokenizer is not None:  # None: a random-weight engine built from a config alone
+        ids.append(tokenizer.eos_token_id)
+        vocab = tokenizer.get_vocab()
+        ids.extend(vocab.get(token) for token in _END_OF_TURN_TOKENS)
     return sorted({i for i in ids if i is not None})
 
 

@@ -1,0 +1,290 @@
+"""GPU engine benchmark: SFLLM against transformers on the same card, same random-weight models.
+
+(a) offline throughput, nano-vllm's workload: N sequences of random token ids, input and output
+    lengths uniform in [100, 1024], ignore_eos, seed 0 (peer: generate_batch, paged sdpa);
+(b) batch-1 decode: 128-token prompt, 256 new tokens, ms/token (peer: generate, static cache);
+(c) decode step time at batch 64 and 256 with 1k-token contexts (peer: generate, static cache).
+Each figure is printed beside its floor: bytes of weights + KV read per step over the copy
+bandwidth measured in the same run. Prints a table last and writes JSON.
+
+Usage: python bench/engine.py [--models qwen3-0.6b qwen3-8b gemma3-1b] [--parts a b c] [--json out.json]
+"""
+
+import argparse
+import gc
+import json
+import time
+
+import torch
+import transformers
+
+from sfllm_core.config import EngineConfig
+from sfllm_core.engine.inference_engine import InferenceEngine
+from sfllm_core.sampling_params import SamplingParams
+
+SHAPES = {
+    "qwen3-0.6b": lambda: transformers.Qwen3Config(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    ),
+    "qwen3-8b": lambda: transformers.Qwen3Config(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+    ),
+    "gemma3-1b": lambda: transformers.Gemma3TextConfig(
+        vocab_size=262144,
+        hidden_size=1152,
+        intermediate_size=6912,
+        num_hidden_layers=26,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        max_position_embeddings=32768,
+        sliding_window=512,
+        query_pre_attn_scalar=256,
+        rms_norm_eps=1e-6,
+        layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(26)],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    ),
+}
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus bytes written."""
+    src = torch.randn(512 * 1024 * 1024 // 2, dtype=torch.bfloat16, device="cuda")  # 512 MiB
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return 2 * src.numel() * src.element_size() / times[len(times) // 2]
+
+
+def weight_bytes(config) -> int:
+    h, v, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
+    heads, kv, d, inter = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.intermediate_size,
+    )
+    per_layer = h * (heads * d + 2 * kv * d) + heads * d * h + 3 * h * inter
+    lm_head = v * h  # read whole every step; the embedding lookup reads only a few rows
+    return 2 * (layers * per_layer + lm_head)
+
+
+def kv_bytes_per_token(config) -> int:
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+
+
+def kv_read_bytes(config, context: int) -> int:
+    """KV bytes one decode step reads for one sequence (sliding layers read only their window)."""
+    per_layer = 2 * config.num_key_value_heads * config.head_dim * 2
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None) or context
+    return sum(per_layer * (min(context, window) if t == "sliding_attention" else context) for t in types)
+
+
+def sync_time(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def workload(n: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    in_lens = torch.randint(100, 1025, (n,), generator=g).tolist()
+    out_lens = torch.randint(100, 1025, (n,), generator=g).tolist()
+    prompts = [torch.randint(0, 10000, (k,), generator=g).tolist() for k in in_lens]
+    return prompts, out_lens
+
+
+def ours(name: str, config, parts: list[str], n_seqs: int, bw: float) -> dict:
+    start = time.perf_counter()
+    engine = InferenceEngine(
+        config=EngineConfig(
+            dtype="bfloat16",
+            max_context_length=4096,
+            max_num_seqs=256,
+            max_num_batched_tokens=8192,
+            kv_cache_memory_gb=48.0,
+            enable_prefix_caching=False,
+        ),
+        hf_config=config,
+    )
+    res = {"startup_s": time.perf_counter() - start, "graph_capture_s": getattr(engine.runner, "capture_seconds", None)}
+    wb = weight_bytes(config)
+    if "b" in parts:
+        prompt = torch.randint(0, 10000, (128,)).tolist()
+        greedy = dict(temperature=0.0, ignore_eos=True)
+        engine.generate([prompt], SamplingParams(max_tokens=8, **greedy))
+        t1 = sync_time(lambda: engine.generate([prompt], SamplingParams(max_tokens=1, **greedy)))
+        tn = sync_time(lambda: engine.generate([prompt], SamplingParams(max_tokens=256, **greedy)))
+        res["b_ms_per_token"] = (tn - t1) / 255 * 1e3
+        res["b_floor_ms"] = (wb + kv_read_bytes(config, 256)) / bw * 1e3
+    if "c" in parts:
+        for batch in (64, 256):
+            prompts = [torch.randint(0, 10000, (1024,)).tolist() for _ in range(batch)]
+            for i, p in enumerate(prompts):
+                engine.add_request(f"c{batch}-{i}", p, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+            while any(s.num_computed_tokens < s.num_tokens - 1 for s in engine._seqs.values()) or engine._inbox:
+                engine.step()
+            for _ in range(3):
+                engine.step()
+            steps = 20
+            t = sync_time(lambda steps=steps: [engine.step() for _ in range(steps)])
+            while engine.has_work():
+                engine.step()
+            res[f"c{batch}_step_ms"] = t / steps * 1e3
+            res[f"c{batch}_floor_ms"] = (wb + batch * kv_read_bytes(config, 1040)) / bw * 1e3
+    if "a" in parts:
+        prompts, out_lens = workload(n_seqs)
+        params = [SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True) for k in out_lens]
+        engine.generate(prompts[:4], [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)] * 4)
+        t = sync_time(lambda: engine.generate(prompts, params))
+        res["a_tok_s"] = sum(out_lens) / t
+        res["a_seconds"] = t
+    engine.shutdown()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def peer(name: str, config, parts: list[str], n_seqs: int) -> dict:
+    res: dict = {}
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
+    gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    if "b" in parts:
+        ids = torch.randint(0, 10000, (1, 128), device="cuda")
+        kw = dict(cache_implementation="static", **gen)
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
+            t1 = sync_time(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw))
+            tn = sync_time(lambda: model.generate(ids, max_new_tokens=256, min_new_tokens=256, **kw))
+        res["b_ms_per_token"] = (tn - t1) / 255 * 1e3
+    if "c" in parts:
+        for batch in (64,):
+            ids = torch.randint(0, 10000, (batch, 1024), device="cuda")
+            kw = dict(cache_implementation="static", **gen)
+            with torch.inference_mode():
+                t1 = sync_time(lambda ids=ids, kw=kw: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw))
+                tn = sync_time(lambda ids=ids, kw=kw: model.generate(ids, max_new_tokens=17, min_new_tokens=17, **kw))
+            res[f"c{batch}_step_ms"] = (tn - t1) / 16 * 1e3
+    if "a" in parts:
+        prompts, out_lens = workload(n_seqs)
+        mean_out = sum(out_lens) // len(out_lens)
+        cfg = transformers.GenerationConfig(max_new_tokens=mean_out, **gen)
+        for impl in ("paged|sdpa", "sdpa_paged"):
+            try:
+                model.set_attn_implementation(impl)
+                break
+            except Exception as exc:  # the name changed across transformers 5.x releases
+                res["a_impl_error"] = repr(exc)
+        with torch.inference_mode():
+            model.generate_batch(prompts[:4], generation_config=cfg, progress_bar=False)
+            outputs = {}
+            t = sync_time(
+                lambda: outputs.update(model.generate_batch(prompts, generation_config=cfg, progress_bar=False))
+            )
+        generated = sum(len(o.generated_tokens) for o in outputs.values())
+        res["a_tok_s"] = generated / t
+        res["a_seqs"] = n_seqs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", nargs="+", default=list(SHAPES))
+    parser.add_argument("--parts", nargs="+", default=["a", "b", "c"])
+    parser.add_argument("--seqs", type=int, default=256, help="sequences in workload (a) for SFLLM")
+    parser.add_argument("--peer-seqs", type=int, default=64, help="sequences in workload (a) for transformers")
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--json", default="bench_engine.json")
+    args = parser.parse_args()
+
+    bw = copy_bandwidth()
+    device = torch.cuda.get_device_name()
+    results = {
+        "device": device,
+        "copy_bandwidth_TBps": bw / 1e12,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "models": {},
+    }
+    for name in args.models:
+        config = SHAPES[name]()
+        entry = {"sfllm": ours(name, config, args.parts, args.seqs, bw)}
+        print(name, "sfllm", entry["sfllm"], flush=True)
+        if not args.no_peer:
+            try:
+                entry["transformers"] = peer(name, config, args.parts, args.peer_seqs)
+            except Exception as exc:
+                entry["transformers"] = {"error": repr(exc)}
+            print(name, "transformers", entry["transformers"], flush=True)
+        results["models"][name] = entry
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+
+    print(
+        f"\n{device}, copy bandwidth {bw / 1e12:.2f} TB/s, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
+    print(
+        f"{'model':<11} | {'figure':<26} | {'sfllm':>9} | {'transformers':>12} | {'speedup':>7} | "
+        f"{'floor':>8} | {'% floor':>7}"
+    )
+    rows = [
+        ("a", "a_tok_s", "(a) offline out tok/s", None),
+        ("b", "b_ms_per_token", "(b) batch-1 ms/token", "b_floor_ms"),
+        ("c", "c64_step_ms", "(c) step ms, batch 64", "c64_floor_ms"),
+        ("c", "c256_step_ms", "(c) step ms, batch 256", "c256_floor_ms"),
+    ]
+    for name, entry in results["models"].items():
+        s, p = entry["sfllm"], entry.get("transformers", {})
+        for part, key, label, floor_key in rows:
+            if part not in args.parts or key not in s:
+                continue
+            ours_v, peer_v = s[key], p.get(key)
+            higher_better = key.endswith("tok_s")
+            speedup = (ours_v / peer_v if higher_better else peer_v / ours_v) if peer_v else None
+            floor = s.get(floor_key) if floor_key else None
+            pct = floor / ours_v * 100 if floor else None
+            print(
+                f"{name:<11} | {label:<26} | {ours_v:>9.2f} | {peer_v if peer_v else float('nan'):>12.2f} | "
+                f"{speedup if speedup else float('nan'):>6.1f}x | {floor if floor else float('nan'):>8.3f} | "
+                f"{pct if pct else float('nan'):>6.0f}%"
+            )
+
+
+if __name__ == "__main__":
+    main()

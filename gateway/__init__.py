@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway: schema, routing, retries, SSE. It loads no model."""

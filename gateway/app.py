@@ -1,0 +1,175 @@
+"""The gateway's FastAPI app and the `sfllm-gateway` command. Handlers are thin: see serving.py."""
+
+import json
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway import errors
+from gateway.auth import ApiKeyChecker
+from gateway.config import GatewayConfig
+from gateway.errors import APIError, install_error_handlers
+from gateway.metrics import GatewayMetrics
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from gateway.router import Router, make_policy
+from gateway.serving import OpenAIServing
+from gateway.workers import WorkerPool
+from worker.logs import configure_logging  # the one JSON-lines log format of every SFLLM service
+
+log = logging.getLogger("sfllm.gateway")
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+
+
+class _CountRequests:
+    """ASGI middleware counting every answered request by endpoint and status, errors included."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            path = scope["path"] if scope["path"] in _ENDPOINTS else "other"
+            self.metrics.requests.labels(path, str(status)).inc()
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The body as JSON: 413 past `limit` bytes, 422 when it is not a JSON object."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"The request body exceeds {limit} bytes.", "invalid_request_error", None, "too_large")
+    body = bytearray()
+    async for part in request.stream():
+        body += part
+        if len(body) > limit:
+            raise APIError(413, f"The request body exceeds {limit} bytes.", "invalid_request_error", None, "too_large")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise errors.malformed_json(str(exc)) from None
+    if not isinstance(data, dict):
+        raise errors.malformed_json("the body must be a JSON object")
+    try:
+        # JSON escapes can spell unpaired UTF-16 surrogates, which no worker (nor protobuf) can carry
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.bad_request("The request contains an unpaired UTF-16 surrogate (\\ud800-\\udfff).") from None
+    return data
+
+
+def _parse(model: type[RequestT], data: Any) -> RequestT:
+    """Validate a request: 400 naming the first bad or unsupported field."""
+    try:
+        req = model.model_validate(data)
+    except ValidationError as exc:
+        raise errors.from_validation_error(exc) from None
+    unsupported = req.first_unsupported_field()  # type: ignore[attr-defined]
+    if unsupported is not None:
+        name, message = unsupported
+        raise errors.bad_request(message, name, "unsupported_parameter")
+    return req
+
+
+def create_app(config: GatewayConfig) -> FastAPI:
+    """The gateway app; its lifespan starts and stops the worker pool."""
+    metrics = GatewayMetrics()
+    policy = make_policy(
+        config.policy,
+        chunk_chars=config.prefix_chunk_chars,
+        max_chars=config.prefix_max_chars,
+        load_factor=config.prefix_load_factor,
+    )
+    router = Router(policy)
+    pool = WorkerPool(config, router, metrics)
+    serving = OpenAIServing(config, router, pool, metrics)
+    keys = ApiKeyChecker(config.api_keys)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await pool.start()
+        log.info("gateway started", extra={"fields": {"policy": config.policy, "workers": sorted(router.workers)}})
+        yield
+        await pool.stop()
+
+    app = FastAPI(title="SFLLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.config = config
+    app.state.router = router
+    app.state.pool = pool
+    app.state.metrics = metrics
+    app.state.serving = serving
+    install_error_handlers(app)
+    app.add_middleware(_CountRequests, metrics=metrics)
+
+    async def require_key(request: Request) -> None:
+        if not keys.allows(request.headers.get("authorization")):
+            raise errors.unauthorized()
+
+    authorized = [Depends(require_key)]
+
+    @app.post("/v1/chat/completions", dependencies=authorized)
+    async def chat_completions(request: Request) -> Response:
+        req = _parse(ChatCompletionRequest, await _read_json(request, config.max_request_bytes))
+        return await serving.chat(req, request)
+
+    @app.post("/v1/completions", dependencies=authorized)
+    async def completions(request: Request) -> Response:
+        req = _parse(CompletionRequest, await _read_json(request, config.max_request_bytes))
+        return await serving.completion(req, request)
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def models() -> ModelList:
+        return serving.models()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        healthy = router.healthy_workers()
+        if not healthy:
+            return errors.no_healthy_worker().response()
+        return JSONResponse({"status": "ok", "healthy_workers": len(healthy), "workers": len(router.workers)})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The `sfllm-gateway` command."""
+    config = GatewayConfig.from_args(argv)
+    configure_logging(config.log_level)
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level=config.log_level,
+        log_config=None,  # keep the JSON handler configure_logging installed
+        access_log=False,  # the gateway logs one structured line per request itself
+        timeout_graceful_shutdown=30,  # SIGTERM: stop accepting, let in-flight streams finish
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The gateway's one configuration object, built from CLI flags and environment variables in one place."""
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+POLICIES = ("round_robin", "least_load", "power_of_two", "prefix")
+ENV_PREFIX = "SFLLM_GATEWAY_"
+API_KEY_ENV = "SFLLM_API_KEY"
+
+
+@dataclass
+class GatewayConfig:
+    """Knobs of the gateway. `workers` entries are host:port; a host may be a DNS name of many addresses."""
+
+    workers: list[str] = field(default_factory=list)
+    policy: str = "round_robin"
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_keys: list[str] = field(default_factory=list)  # empty: no authentication
+    max_in_flight: int = 1024  # requests the gateway holds at once; past it, 429
+    max_request_bytes: int = 8 * 1024 * 1024
+    max_attempts: int = 3  # workers tried for one request before its first token
+    health_interval_s: float = 1.0
+    health_timeout_s: float = 1.0
+    load_interval_s: float = 0.25
+    resolve_interval_s: float = 10.0
+    prefix_chunk_chars: int = 64  # granularity of prefix affinity (the gateway has no tokenizer)
+    prefix_max_chars: int = 4096  # only this much of a prompt is hashed
+    prefix_load_factor: float = 1.5  # a worker may carry this times the mean load before prefix affinity yields
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad setting."""
+        if not self.workers:
+            raise ValueError("workers: at least one host:port is required")
+        for entry in self.workers:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"workers: {entry!r} is not host:port")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        for name in ("max_in_flight", "max_request_bytes", "max_attempts", "prefix_chunk_chars", "prefix_max_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("health_interval_s", "health_timeout_s", "load_interval_s", "resolve_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.prefix_load_factor < 1.0:
+            raise ValueError(f"prefix_load_factor must be >= 1, got {self.prefix_load_factor}")
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> "GatewayConfig":
+        """Flags win over environment variables (SFLLM_GATEWAY_<FLAG>, and SFLLM_API_KEY), which win over defaults."""
+        env = os.environ if env is None else env
+        defaults = cls()
+        parser = argparse.ArgumentParser(
+            prog="sfllm-gateway", description="OpenAI-compatible gateway over SFLLM workers"
+        )
+
+        def env_or(name: str, default: object) -> object:
+            return env.get(ENV_PREFIX + name.upper(), default)
+
+        parser.add_argument("--workers", default=env_or("workers", ""), help="host:port,... (DNS names re-resolved)")
+        parser.add_argument("--policy", default=env_or("policy", defaults.policy), choices=POLICIES)
+        parser.add_argument("--host", default=env_or("host", defaults.host))
+        parser.add_argument("--port", type=int, default=env_or("port", defaults.port))
+        parser.add_argument(
+            "--api-key", action="append", default=None, help=f"accepted key (repeatable; or {API_KEY_ENV}=k1,k2)"
+        )
+        for name in (
+            "max_in_flight",
+            "max_request_bytes",
+            "max_attempts",
+            "prefix_chunk_chars",
+            "prefix_max_chars",
+        ):
+            parser.add_argument("--" + name.replace("_", "-"), type=int, default=env_or(name, getattr(defaults, name)))
+        for name in (
+            "health_interval_s",
+            "health_timeout_s",
+            "load_interval_s",
+            "resolve_interval_s",
+            "prefix_load_factor",
+        ):
+            parser.add_argument(
+                "--" + name.replace("_", "-"), type=float, default=env_or(name, getattr(defaults, name))
+            )
+        parser.add_argument("--log-level", default=env_or("log_level", defaults.log_level))
+        args = parser.parse_args(argv)
+
+        api_keys = args.api_key or [k for k in env.get(API_KEY_ENV, "").split(",") if k]
+        config = cls(
+            workers=[w.strip() for w in str(args.workers).split(",") if w.strip()],
+            policy=args.policy,
+            host=args.host,
+            port=int(args.port),
+            api_keys=api_keys,
+            max_in_flight=int(args.max_in_flight),
+            max_request_bytes=int(args.max_request_bytes),
+            max_attempts=int(args.max_attempts),
+            health_interval_s=float(args.health_interval_s),
+            health_timeout_s=float(args.health_timeout_s),
+            load_interval_s=float(args.load_interval_s),
+            resolve_interval_s=float(args.resolve_interval_s),
+            prefix_chunk_chars=int(args.prefix_chunk_chars),
+            prefix_max_chars=int(args.prefix_max_chars),
+            prefix_load_factor=float(args.prefix_load_factor),
+            log_level=str(args.log_level),
+        )
+        try:
+            config.validate()
+        except ValueError as exc:
+            parser.error(str(exc))
+        return config

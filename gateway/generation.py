@@ -1,0 +1,332 @@
+"""Running generations on workers: one Generate call per prompt, retried on another worker while invisible.
+
+Failure semantics (what the client sees):
+- A call that fails before anything of it reached the client (worker dead, draining, queue full,
+  engine error) is re-sent to another worker; the client never knows. Non-streamed requests
+  reach the client only at the end, so for them any failure short of the end is invisible.
+- A streamed call that fails after some of its text reached the client ends the stream with an
+  OpenAI error event. (Continuing on another worker would need the prompt's token ids and a way to
+  resume a chat prompt with partial output, which the worker API does not offer.)
+- A cancelled run (client gone) cancels its gRPC calls, which makes the worker abort and free the
+  sequences, and also sends Abort for good measure.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from gateway import errors
+from gateway.errors import APIError
+from gateway.metrics import GatewayMetrics
+from gateway.router import AllWorkersBusy, NoWorkerAvailable, RouteKey, Router, UnknownModel, WorkerHandle
+from gateway.workers import WorkerPool
+from protos.sfllm.v1 import worker_pb2 as pb
+
+log = logging.getLogger("sfllm.gateway")
+
+ERROR_PARAM_KEY = "sfllm-error-param"  # trailing metadata of the worker's INVALID_ARGUMENT
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of the worker's RESOURCE_EXHAUSTED
+_FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+_QUEUE_SIZE = 64  # events buffered per run; beyond it gRPC flow control slows the worker down
+
+
+@dataclass
+class PromptJob:
+    """One prompt's n completions: one Generate call, filling choices first_choice .. first_choice + n - 1."""
+
+    request: pb.GenerateRequest
+    route_key: RouteKey
+    first_choice: int
+    n: int
+    prompt_param: str = "prompt"  # the field a context-length error names
+
+
+@dataclass
+class Delta:
+    """New text (and its tokens' logprobs) of one choice."""
+
+    choice: int
+    text: str
+    logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class Finish:
+    """The end of one choice."""
+
+    choice: int
+    finish_reason: str
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass
+class _Done:
+    prompt_index: int
+
+
+@dataclass
+class _Failed:
+    error: APIError
+
+
+@dataclass
+class RunStats:
+    """What the request log line and the metrics need to know about a run."""
+
+    workers: list[str] = field(default_factory=list)
+    retries: int = 0
+    first_token_at: float | None = None
+
+
+class _Attempt:
+    """One Generate call on one worker and whether any of it reached the client."""
+
+    def __init__(self, worker: WorkerHandle, request_id: str) -> None:
+        self.worker = worker
+        self.request_id = request_id
+        self.call: grpc.aio.UnaryStreamCall | None = None
+        self.emitted = False
+
+
+class GenerationRun:
+    """The Generate calls of one HTTP request, their events merged into one stream.
+
+    `start()` returns once every prompt has been accepted by a worker (or raises the APIError that
+    becomes the HTTP status); `events()` then yields Delta and Finish events until every choice has
+    finished. With `buffered`, a call's events are held until the call completes, so a failure at
+    any point can be retried invisibly. `close()` cancels whatever is still running.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        jobs: list[PromptJob],
+        router: Router,
+        pool: WorkerPool,
+        metrics: GatewayMetrics,
+        max_attempts: int,
+        buffered: bool,
+    ) -> None:
+        self.request_id = request_id
+        self.jobs = jobs
+        self.router = router
+        self.pool = pool
+        self.metrics = metrics
+        self.max_attempts = max_attempts
+        self.buffered = buffered
+        self.stats = RunStats()
+        self.num_prompt_tokens = [0] * len(jobs)
+        self._queue: asyncio.Queue[Delta | Finish | _Done | _Failed] = asyncio.Queue(_QUEUE_SIZE)
+        self._accepted = [asyncio.get_running_loop().create_future() for _ in jobs]
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Send every prompt to a worker and wait until each is accepted; raises APIError otherwise."""
+        self._tasks = [asyncio.create_task(self._run_job(i, job)) for i, job in enumerate(self.jobs)]
+        try:
+            pending: set[asyncio.Future[int]] = set(self._accepted)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    future.result()  # raises the job's APIError
+        except BaseException:
+            await self.close()
+            raise
+
+    async def events(self) -> AsyncIterator[Delta | Finish]:
+        """Every choice's deltas and its finish, interleaved; raises APIError if a call fails visibly."""
+        remaining = len(self.jobs)
+        while remaining:
+            event = await self._queue.get()
+            if isinstance(event, _Done):
+                remaining -= 1
+            elif isinstance(event, _Failed):
+                await self.close()
+                raise event.error
+            else:
+                if isinstance(event, Delta) and self.stats.first_token_at is None:
+                    self.stats.first_token_at = time.monotonic()
+                yield event
+
+    def cancel(self) -> None:
+        """Cancel every call still running (idempotent, never blocks); cancelled calls are aborted on their workers."""
+        for task in self._tasks:
+            task.cancel()
+
+    async def close(self) -> None:
+        """Cancel every call still running and wait until they have ended."""
+        self.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- one prompt ------------------------------------------------------------------------------
+
+    async def _run_job(self, index: int, job: PromptJob) -> None:
+        accepted = self._accepted[index]
+        try:
+            try:
+                await self._attempts(index, job, accepted)
+                await self._queue.put(_Done(index))
+            except (APIError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # a gateway bug must still end the request with an error, not hang it
+                log.exception("generation failed", extra={"fields": {"request_id": self.request_id}})
+                raise errors.internal_error(f"the gateway failed: {type(exc).__name__}") from exc
+        except APIError as exc:
+            if not accepted.done():
+                accepted.set_exception(exc)
+            else:
+                await self._queue.put(_Failed(exc))
+        finally:
+            if not accepted.done():
+                accepted.cancel()
+
+    async def _attempts(self, index: int, job: PromptJob, accepted: asyncio.Future[int]) -> None:
+        """Try workers until the call completes, or fails after the client saw part of it."""
+        tried: set[str] = set()
+        failures = 0
+        busy = 0
+        last_failure = ""
+        while True:
+            try:
+                worker = self.router.pick(job.route_key, exclude=tried)
+            except UnknownModel as exc:
+                raise errors.model_not_found(exc.model) from None
+            except AllWorkersBusy as exc:
+                raise errors.overloaded(str(exc), exc.retry_after_s) from None
+            except NoWorkerAvailable as exc:
+                if busy and not failures:
+                    raise errors.overloaded("every worker's queue is full; retry later") from None
+                message = f"{exc}" + (f" (last worker failure: {last_failure})" if last_failure else "")
+                raise errors.no_healthy_worker(message) from None
+            tried.add(worker.address)
+            attempt = _Attempt(worker, f"{self.request_id}-{index}-{len(tried)}")
+            if len(tried) > 1:
+                self.stats.retries += 1
+            self.stats.workers.append(worker.address)
+            try:
+                await self._call(index, attempt, job, accepted)
+                return
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+                    raise _invalid_argument(exc, job.prompt_param) from None
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    worker.busy_until = time.monotonic() + _retry_after_s(exc)
+                    busy += 1
+                    self.metrics.retries.labels("worker_busy").inc()
+                    continue
+                failure = f"{code.name}: {exc.details()}"
+            except _EngineFailure as exc:
+                failure = str(exc)
+            # the worker died, is draining, or its engine failed this request
+            if _ejects(failure):
+                self.pool.eject(worker, failure.split(":", 1)[0].lower())
+            last_failure = f"{worker.address} {failure}"
+            failures += 1
+            if attempt.emitted:
+                raise APIError(
+                    502,
+                    f"the worker serving this request failed mid-stream ({failure}); the output is incomplete",
+                    "server_error",
+                    None,
+                    "worker_failed",
+                ) from None
+            if failures >= self.max_attempts:
+                raise errors.no_healthy_worker(f"gave up after {failures} failed attempts; last: {last_failure}")
+            self.metrics.retries.labels("worker_failed").inc()
+            log.warning(
+                "retrying on another worker",
+                extra={"fields": {"request_id": self.request_id, "worker": worker.address, "failure": failure}},
+            )
+
+    async def _call(self, index: int, attempt: _Attempt, job: PromptJob, accepted: asyncio.Future[int]) -> None:
+        """One Generate call, relaying its events; raises AioRpcError or _EngineFailure on failure."""
+        worker = attempt.worker
+        request = pb.GenerateRequest()
+        request.CopyFrom(job.request)
+        request.request_id = attempt.request_id
+        worker.in_flight += 1
+        self.metrics.worker_in_flight.labels(worker.address).set(worker.in_flight)
+        self.metrics.routed.labels(worker.address).inc()
+        held: list[Delta | Finish] = []
+        finished = 0
+        call = worker.client.worker.Generate(request)
+        attempt.call = call
+        try:
+            async for response in call:
+                kind = response.WhichOneof("event")
+                choice = job.first_choice + response.index
+                if kind == "prompt":
+                    if not accepted.done():
+                        self.num_prompt_tokens[index] = response.prompt.num_prompt_tokens
+                        accepted.set_result(response.prompt.num_prompt_tokens)
+                    continue
+                if kind == "delta":
+                    if not response.delta.text and not response.delta.logprobs:
+                        continue  # tokens held back by the detokenizer: nothing to show yet
+                    event: Delta | Finish = Delta(choice, response.delta.text, list(response.delta.logprobs))
+                else:
+                    done = response.finished
+                    if done.finish_reason not in _FINISH_REASONS:
+                        reason = pb.FinishReason.Name(done.finish_reason)
+                        raise _EngineFailure(f"{reason}: {done.error}" if done.error else reason)
+                    event = Finish(
+                        choice,
+                        _FINISH_REASONS[done.finish_reason],
+                        done.usage.completion_tokens,
+                        done.usage.cached_prompt_tokens,
+                    )
+                    finished += 1
+                if self.buffered:
+                    held.append(event)
+                else:
+                    attempt.emitted = True
+                    await self._queue.put(event)
+            if finished < job.n:
+                raise _EngineFailure(f"UNAVAILABLE: the stream ended after {finished} of {job.n} completions")
+            for event in held:
+                await self._queue.put(event)
+        finally:
+            worker.in_flight -= 1
+            self.metrics.worker_in_flight.labels(worker.address).set(worker.in_flight)
+            if not call.done():
+                # the client left (or a sibling call failed): stop the worker's work at once
+                call.cancel()
+                self.pool.abort_in_background(worker, [attempt.request_id])
+
+
+class _EngineFailure(Exception):
+    """A call that ended without finishing: an engine error, an abort we did not ask for, a cut stream."""
+
+
+def _ejects(failure: str) -> bool:
+    """Whether a failure says the worker itself is unusable (rather than this one request failing)."""
+    return not failure.startswith(("FINISH_REASON_ERROR", "FINISH_REASON_ABORT"))
+
+
+def _metadata(exc: grpc.aio.AioRpcError, key: str) -> str | None:
+    for k, v in exc.trailing_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return None
+
+
+def _retry_after_s(exc: grpc.aio.AioRpcError) -> float:
+    with contextlib.suppress(TypeError, ValueError):
+        return max(float(_metadata(exc, RETRY_AFTER_KEY)) / 1000.0, 0.05)  # type: ignore[arg-type]
+    return 1.0
+
+
+def _invalid_argument(exc: grpc.aio.AioRpcError, prompt_param: str) -> APIError:
+    message = exc.details() or "invalid request"
+    if "maximum context length" in message:
+        error = errors.context_length_exceeded(message)
+        error.param = prompt_param
+        return error
+    return errors.bad_request(message, _metadata(exc, ERROR_PARAM_KEY))

@@ -1,0 +1,94 @@
+"""The gateway's Prometheus metrics, named like vLLM's where the meaning is the same (prefix `sfllm_gateway:`)."""
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "sfllm_gateway:"
+
+# request latencies on CPU workers reach tens of seconds; on GPUs TTFT sits in the tens of milliseconds
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+
+
+class GatewayMetrics:
+    """All gateway metrics, on their own registry so that several apps can live in one process (tests)."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            PREFIX + "requests",
+            "HTTP requests answered, by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        self.num_requests_running = Gauge(
+            PREFIX + "num_requests_running", "Generation requests the gateway holds now", registry=r
+        )
+        self.time_to_first_token = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "From request arrival to the first generated token relayed",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Between consecutive streamed deltas of one completion",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.e2e_request_latency = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "From request arrival to the last byte of the response",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of served requests", registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated for clients", registry=r)
+        self.retries = Counter(
+            PREFIX + "request_retries", "Worker calls retried on another worker, by reason", ["reason"], registry=r
+        )
+        self.worker_in_flight = Gauge(
+            PREFIX + "worker_requests_in_flight", "Generate calls open on each worker", ["worker"], registry=r
+        )
+        self.worker_healthy = Gauge(
+            PREFIX + "worker_healthy", "1 while a worker is admitted to routing, else 0", ["worker"], registry=r
+        )
+        self.worker_ejections = Counter(
+            PREFIX + "worker_ejections", "Workers taken out of routing, by reason", ["worker", "reason"], registry=r
+        )
+        self.routed = Counter(PREFIX + "routed_requests", "Worker calls by chosen worker", ["worker"], registry=r)
+
+    def forget_worker(self, address: str) -> None:
+        """Drop a removed worker's labelled series so dashboards stop showing it."""
+        for gauge in (self.worker_in_flight, self.worker_healthy):
+            try:
+                gauge.remove(address)
+            except KeyError:
+                pass
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

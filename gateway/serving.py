@@ -1,0 +1,484 @@
+"""OpenAI requests to worker calls and worker events back to OpenAI responses (JSON or SSE)."""
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from gateway import errors
+from gateway.config import GatewayConfig
+from gateway.errors import APIError
+from gateway.generation import Delta, Finish, GenerationRun, PromptJob
+from gateway.metrics import GatewayMetrics
+from gateway.protocol import (
+    SSE_DONE,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    TopLogprob,
+    Usage,
+    new_id,
+    now,
+    sse_event,
+)
+from gateway.router import RouteKey, Router
+from gateway.workers import WorkerPool
+from protos.sfllm.v1 import worker_pb2 as pb
+
+log = logging.getLogger("sfllm.gateway")
+
+_SEPARATOR = "\x1e"  # between messages in the routing text; cannot be confused with message content boundaries
+
+
+@dataclass
+class RequestRecord:
+    """One request's facts for its log line and metrics; never the prompt text."""
+
+    request_id: str
+    endpoint: str
+    model: str
+    stream: bool
+    n: int
+    started: float = field(default_factory=time.monotonic)
+    status: int = 200
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
+    disconnected: bool = False
+    run: GenerationRun | None = None
+    _done: bool = False
+
+    def finish(self, metrics: GatewayMetrics) -> None:
+        """Log the request's one line and record its metrics (once)."""
+        if self._done:
+            return
+        self._done = True
+        elapsed = time.monotonic() - self.started
+        ttft = None
+        if self.run is not None and self.run.stats.first_token_at is not None:
+            ttft = self.run.stats.first_token_at - self.started
+            metrics.time_to_first_token.labels(self.endpoint).observe(ttft)
+        metrics.e2e_request_latency.labels(self.endpoint).observe(elapsed)
+        metrics.prompt_tokens.inc(self.prompt_tokens)
+        metrics.generation_tokens.inc(self.completion_tokens)
+        fields = {
+            "request_id": self.request_id,
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "status": self.status,
+            "stream": self.stream,
+            "n": self.n,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cached_tokens": self.cached_tokens,
+            "finish_reasons": self.finish_reasons,
+            "ttft_s": round(ttft, 4) if ttft is not None else None,
+            "e2e_s": round(elapsed, 4),
+            "workers": self.run.stats.workers if self.run else [],
+            "retries": self.run.stats.retries if self.run else 0,
+            "disconnected": self.disconnected,
+            "error": self.error,
+        }
+        log.info("request", extra={"fields": fields})
+
+
+class _Accumulator:
+    """Usage totals and per-choice results gathered from a run's events."""
+
+    def __init__(self, num_choices: int, n: int) -> None:
+        self.n = n
+        self.texts: list[list[str]] = [[] for _ in range(num_choices)]
+        self.logprobs: list[list[pb.TokenLogprob]] = [[] for _ in range(num_choices)]
+        self.finish_reasons: list[str | None] = [None] * num_choices
+        self.completion_tokens = 0
+        self.cached: dict[int, int] = {}
+
+    def add(self, event: Delta | Finish) -> None:
+        if isinstance(event, Delta):
+            self.texts[event.choice].append(event.text)
+            self.logprobs[event.choice].extend(event.logprobs)
+        else:
+            self.finish_reasons[event.choice] = event.finish_reason
+            self.completion_tokens += event.completion_tokens
+            prompt = event.choice // self.n
+            self.cached[prompt] = max(self.cached.get(prompt, 0), event.cached_prompt_tokens)
+
+    def usage(self, num_prompt_tokens: list[int]) -> Usage:
+        prompt_tokens = sum(num_prompt_tokens)
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            total_tokens=prompt_tokens + self.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached.values())),
+        )
+
+
+class _StreamResponse(StreamingResponse):
+    """A streaming response that cancels its run however the response ends (done, error or disconnect)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+class _ClientDisconnected(Exception):
+    pass
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # the body has been read, so the next ASGI message can only be the disconnect
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _chat_logprobs(items: list[pb.TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=lp.token,
+                logprob=lp.logprob,
+                bytes=list(lp.token.encode("utf-8")),
+                top_logprobs=[
+                    TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode("utf-8")))
+                    for t in lp.top_logprobs
+                ],
+            )
+            for lp in items
+        ]
+    )
+
+
+def _completion_logprobs(items: list[pb.TokenLogprob], start_offset: int, with_top: bool) -> CompletionLogprobs:
+    offsets = []
+    offset = start_offset
+    for lp in items:
+        offsets.append(offset)
+        offset += len(lp.token)
+    return CompletionLogprobs(
+        tokens=[lp.token for lp in items],
+        token_logprobs=[lp.logprob for lp in items],
+        top_logprobs=[{t.token: t.logprob for t in lp.top_logprobs} for lp in items] if with_top else None,
+        text_offset=offsets,
+    )
+
+
+def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> pb.SamplingParams:
+    """The worker's sampling parameters; fields the client left out stay unset (the worker's defaults)."""
+    s = pb.SamplingParams(
+        n=req.n,
+        ignore_eos=req.ignore_eos,
+        stop=req.stop_list(),
+        stop_token_ids=req.stop_token_ids or [],
+        skip_special_tokens=req.skip_special_tokens,
+    )
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "repetition_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+    ):
+        value = getattr(req, name)
+        if value is not None:
+            setattr(s, name, value)
+    if max_tokens is not None:
+        s.max_tokens = max_tokens
+    if isinstance(req, ChatCompletionRequest):
+        s.logprobs = req.logprobs
+        if req.top_logprobs is not None:
+            s.top_logprobs = req.top_logprobs
+    elif req.logprobs is not None:
+        s.logprobs = True
+        s.top_logprobs = req.logprobs
+    return s
+
+
+class OpenAIServing:
+    """The handlers' logic: admission, translation, running, and shaping the answer."""
+
+    def __init__(self, config: GatewayConfig, router: Router, pool: WorkerPool, metrics: GatewayMetrics) -> None:
+        self.config = config
+        self.router = router
+        self.pool = pool
+        self.metrics = metrics
+        self.in_flight = 0
+
+    def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=m, max_model_len=ctx) for m, ctx in sorted(self.router.models().items())])
+
+    # -- entry points ----------------------------------------------------------------------------
+
+    async def chat(self, req: ChatCompletionRequest, http: Request) -> Response:
+        request_id = new_id("chatcmpl")
+        messages = [pb.ChatMessage(role=m.template_role(), content=m.text()) for m in req.messages]
+        text = _SEPARATOR.join(f"{m.role}\x1f{m.content}" for m in messages)
+        job = PromptJob(
+            request=pb.GenerateRequest(chat=pb.Chat(messages=messages), sampling=_sampling(req, req.max_new_tokens())),
+            route_key=RouteKey(req.model, self._routing_text(req, text)),
+            first_choice=0,
+            n=req.n,
+            prompt_param="messages",
+        )
+        return await self._serve(request_id, "chat", req, [job], http)
+
+    async def completion(self, req: CompletionRequest, http: Request) -> Response:
+        request_id = new_id("cmpl")
+        jobs = []
+        for i, prompt in enumerate(req.prompts()):
+            request = pb.GenerateRequest(sampling=_sampling(req, req.max_new_tokens()))
+            if isinstance(prompt, str):
+                request.text = prompt
+                request.add_special_tokens = req.add_special_tokens
+                text = prompt
+            else:
+                request.token_ids.ids.extend(prompt)
+                text = "ids:" + " ".join(map(str, prompt))
+            jobs.append(PromptJob(request, RouteKey(req.model, self._routing_text(req, text)), i * req.n, req.n))
+        return await self._serve(request_id, "completions", req, jobs, http)
+
+    @staticmethod
+    def _routing_text(req: ChatCompletionRequest | CompletionRequest, text: str) -> str:
+        # OpenAI's prompt_cache_key groups requests the client knows share a prefix
+        return f"key:{req.prompt_cache_key}{_SEPARATOR}{text}" if req.prompt_cache_key else text
+
+    # -- common path -----------------------------------------------------------------------------
+
+    async def _serve(
+        self,
+        request_id: str,
+        endpoint: str,
+        req: ChatCompletionRequest | CompletionRequest,
+        jobs: list[PromptJob],
+        http: Request,
+    ) -> Response:
+        record = RequestRecord(request_id, endpoint, req.model, req.stream, req.n)
+        if self.in_flight >= self.config.max_in_flight:
+            return self._fail(record, errors.overloaded("the gateway is at its in-flight request limit"))
+        self.in_flight += 1
+        self.metrics.num_requests_running.set(self.in_flight)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+                self.metrics.num_requests_running.set(self.in_flight)
+                record.finish(self.metrics)
+
+        run = GenerationRun(
+            request_id,
+            jobs,
+            self.router,
+            self.pool,
+            self.metrics,
+            self.config.max_attempts,
+            buffered=not req.stream,
+        )
+        record.run = run
+        try:
+            await run.start()
+        except APIError as exc:
+            response = self._fail(record, exc)  # records the status before release() logs the line
+            release()
+            return response
+        except BaseException:
+            release()
+            raise
+        record.prompt_tokens = sum(run.num_prompt_tokens)
+        num_choices = len(jobs) * req.n
+        if req.stream:
+            chunks = self._stream(run, req, num_choices, record)
+
+            def on_close() -> None:
+                run.cancel()
+                release()
+
+            return _StreamResponse(chunks, on_close)
+        try:
+            acc = await self._collect(run, num_choices, req.n, http)
+            return self._response(request_id, req, acc, run.num_prompt_tokens, record)
+        except APIError as exc:
+            return self._fail(record, exc)
+        except _ClientDisconnected:
+            record.status, record.disconnected = 499, True
+            return Response(status_code=499)
+        finally:
+            run.cancel()
+            release()
+
+    @staticmethod
+    def _response(
+        request_id: str,
+        req: ChatCompletionRequest | CompletionRequest,
+        acc: "_Accumulator",
+        num_prompt_tokens: list[int],
+        record: RequestRecord,
+    ) -> Response:
+        """The whole (non-streamed) answer."""
+        usage = acc.usage(num_prompt_tokens)
+        record.completion_tokens = usage.completion_tokens
+        record.cached_tokens = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+        record.finish_reasons = [r or "" for r in acc.finish_reasons]
+        num_choices = len(acc.texts)
+        if isinstance(req, ChatCompletionRequest):
+            body: ChatCompletionResponse | CompletionResponse = ChatCompletionResponse(
+                id=request_id,
+                model=req.model,
+                usage=usage,
+                choices=[
+                    ChatChoice(
+                        index=i,
+                        message=ChatResponseMessage(content="".join(acc.texts[i])),
+                        logprobs=_chat_logprobs(acc.logprobs[i]) if req.logprobs else None,
+                        finish_reason=acc.finish_reasons[i],  # type: ignore[arg-type]
+                    )
+                    for i in range(num_choices)
+                ],
+            )
+        else:
+            body = CompletionResponse(
+                id=request_id,
+                model=req.model,
+                usage=usage,
+                choices=[
+                    CompletionChoice(
+                        index=i,
+                        text="".join(acc.texts[i]),
+                        logprobs=_completion_logprobs(acc.logprobs[i], 0, bool(req.logprobs))
+                        if req.logprobs is not None
+                        else None,
+                        finish_reason=acc.finish_reasons[i],  # type: ignore[arg-type]
+                    )
+                    for i in range(num_choices)
+                ],
+            )
+        return Response(body.model_dump_json(), media_type="application/json")
+
+    def _fail(self, record: RequestRecord, exc: APIError) -> JSONResponse:
+        record.status, record.error = exc.status, exc.code or exc.type
+        record.finish(self.metrics)
+        return exc.response()
+
+    async def _collect(self, run: GenerationRun, num_choices: int, n: int, http: Request) -> _Accumulator:
+        """All events of a non-streamed run; a client that hangs up cancels the run."""
+        acc = _Accumulator(num_choices, n)
+
+        async def gather() -> None:
+            async for event in run.events():
+                acc.add(event)
+
+        collecting = asyncio.ensure_future(gather())
+        disconnect = asyncio.ensure_future(_wait_for_disconnect(http))
+        try:
+            await asyncio.wait({collecting, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+            if not collecting.done():
+                collecting.cancel()
+        if not collecting.done() or collecting.cancelled():
+            raise _ClientDisconnected()
+        collecting.result()
+        return acc
+
+    async def _stream(
+        self,
+        run: GenerationRun,
+        req: ChatCompletionRequest | CompletionRequest,
+        num_choices: int,
+        record: RequestRecord,
+    ) -> AsyncIterator[str]:
+        """The SSE body: OpenAI's chunks, the usage chunk when asked for, then [DONE] (or an error event)."""
+        created = now()
+        include_usage = req.include_usage
+        acc = _Accumulator(num_choices, req.n)
+        offsets = [0] * num_choices
+        last_delta: list[float | None] = [None] * num_choices
+        chat = isinstance(req, ChatCompletionRequest)
+
+        def chunk(choices: list) -> str:  # type: ignore[type-arg]
+            cls = ChatCompletionChunk if chat else CompletionChunk
+            return sse_event(
+                cls(id=record.request_id, created=created, model=req.model, choices=choices), include_usage
+            )
+
+        try:
+            if chat:
+                for i in range(num_choices):
+                    role = DeltaMessage(role="assistant", content="")
+                    yield chunk([ChatChunkChoice(index=i, delta=role)])
+            async for event in run.events():
+                acc.add(event)
+                i = event.choice
+                if isinstance(event, Delta):
+                    moment = time.monotonic()
+                    if last_delta[i] is not None:
+                        self.metrics.inter_token_latency.observe(moment - last_delta[i])  # type: ignore[operator]
+                    last_delta[i] = moment
+                    if chat:
+                        assert isinstance(req, ChatCompletionRequest)
+                        logprobs = _chat_logprobs(event.logprobs) if req.logprobs else None
+                        yield chunk(
+                            [ChatChunkChoice(index=i, delta=DeltaMessage(content=event.text), logprobs=logprobs)]
+                        )
+                    else:
+                        assert isinstance(req, CompletionRequest)
+                        lps = None
+                        if req.logprobs is not None:
+                            lps = _completion_logprobs(event.logprobs, offsets[i], bool(req.logprobs))
+                            offsets[i] += sum(len(lp.token) for lp in event.logprobs)
+                        yield chunk([CompletionChoice(index=i, text=event.text, logprobs=lps)])
+                else:
+                    reason = event.finish_reason
+                    if chat:
+                        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=reason)])  # type: ignore[arg-type]
+                    else:
+                        yield chunk([CompletionChoice(index=i, text="", finish_reason=reason)])  # type: ignore[arg-type]
+            usage = acc.usage(run.num_prompt_tokens)
+            record.completion_tokens = usage.completion_tokens
+            record.finish_reasons = [r or "" for r in acc.finish_reasons]
+            if include_usage:
+                cls = ChatCompletionChunk if chat else CompletionChunk
+                final = cls(id=record.request_id, created=created, model=req.model, choices=[], usage=usage)
+                yield sse_event(final)
+            yield SSE_DONE
+        except APIError as exc:
+            record.status, record.error = exc.status, exc.code or exc.type
+            record.finish_reasons = [r or "" for r in acc.finish_reasons]
+            yield f"data: {exc.body().model_dump_json()}\n\n"
+            yield SSE_DONE
+        except (asyncio.CancelledError, GeneratorExit):
+            record.disconnected = True
+            raise
+        finally:
+            run.cancel()

@@ -1,0 +1,224 @@
+"""The pool of workers: discovery (host:port lists and DNS names), gRPC health checks, load polling.
+
+Each `--workers` entry is resolved to addresses; a name with many addresses (a Kubernetes headless
+service) becomes many workers, and is re-resolved periodically. Each worker gets one watcher task
+that polls `grpc.health.v1` and `GetLoad`. A worker is admitted to routing once it reports SERVING
+and answers GetModelInfo; it is ejected after consecutive failed checks or at once when a request
+finds it dead, and re-admitted when its health check passes again.
+"""
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway.config import GatewayConfig
+from gateway.metrics import GatewayMetrics
+from gateway.router import Router, WorkerHandle
+from protos.sfllm.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("sfllm.gateway")
+
+# a restarted worker should be reachable within about a second, not after gRPC's default backoff (up to 2 minutes)
+_CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.enable_retries", 0),  # the router retries, on another worker
+]
+_UNHEALTHY_AFTER = 2  # consecutive failed health checks before an admitted worker is ejected
+
+
+class WorkerClient:
+    """The gRPC channel to one worker and the stubs on it."""
+
+    def __init__(self, address: str) -> None:
+        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.worker = worker_pb2_grpc.WorkerStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+
+def split_host_port(entry: str) -> tuple[str, int]:
+    """("host", port) from "host:port" or "[v6]:port"."""
+    host, _, port = entry.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def format_address(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+async def resolve(entry: str) -> list[str]:
+    """The addresses behind one host:port entry: an IP literal as is, a name through DNS.
+
+    IPv4 addresses are preferred: "localhost" resolves to 127.0.0.1 and ::1, which are one server,
+    not two.
+    """
+    host, port = split_host_port(entry)
+    try:
+        ipaddress.ip_address(host)
+        return [format_address(host, port)]
+    except ValueError:
+        pass
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    v4 = sorted({info[4][0] for info in infos if info[0] == socket.AF_INET})
+    v6 = sorted({info[4][0] for info in infos if info[0] == socket.AF_INET6})
+    return [format_address(ip, port) for ip in (v4 or v6)]
+
+
+class WorkerPool:
+    """Keeps the router's set of workers in step with DNS and with each worker's health."""
+
+    def __init__(self, config: GatewayConfig, router: Router, metrics: GatewayMetrics) -> None:
+        self.config = config
+        self.router = router
+        self.metrics = metrics
+        self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._entry_addresses: dict[str, list[str]] = {}
+        self._resolver: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        """Resolve the workers and check each once, so a gateway that starts next to live workers is ready."""
+        await self.resolve_all()
+        await asyncio.gather(*(self.check(w) for w in list(self.router.workers.values())))
+        for worker in list(self.router.workers.values()):
+            self._watch(worker)
+        self._resolver = asyncio.create_task(self._resolve_loop())
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._resolver, *self._watchers.values(), *self._background) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._watchers.clear()
+        for worker in list(self.router.workers.values()):
+            await worker.client.close()
+
+    async def resolve_all(self) -> None:
+        """Re-resolve every entry; add new addresses, drop vanished ones. A failed lookup keeps the old set."""
+        for entry in self.config.workers:
+            try:
+                self._entry_addresses[entry] = await resolve(entry)
+            except OSError as exc:
+                log.warning("worker lookup failed", extra={"fields": {"entry": entry, "error": str(exc)}})
+        wanted = {a for addresses in self._entry_addresses.values() for a in addresses}
+        for address in wanted - set(self.router.workers):
+            worker = WorkerHandle(address=address, client=WorkerClient(address))
+            self.router.add(worker)
+            self.metrics.worker_healthy.labels(address).set(0)
+            log.info("worker added", extra={"fields": {"worker": address}})
+            if self._resolver is not None:  # after start(): watch it now
+                self._watch(worker)
+        for address in set(self.router.workers) - wanted:
+            self._retire(address)
+
+    def _retire(self, address: str) -> None:
+        worker = self.router.remove(address)
+        task = self._watchers.pop(address, None)
+        if task is not None:
+            task.cancel()
+        self.metrics.forget_worker(address)
+        log.info("worker removed", extra={"fields": {"worker": address}})
+        if worker is not None:
+            # in-flight streams keep the channel until they end; close it once they have
+            self._spawn(self._close_when_idle(worker))
+
+    async def _close_when_idle(self, worker: WorkerHandle) -> None:
+        while worker.in_flight > 0:
+            await asyncio.sleep(1.0)
+        await worker.client.close()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _watch(self, worker: WorkerHandle) -> None:
+        if worker.address not in self._watchers:
+            self._watchers[worker.address] = asyncio.create_task(self._watch_loop(worker))
+
+    async def _resolve_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.resolve_interval_s)
+            await self.resolve_all()
+
+    async def _watch_loop(self, worker: WorkerHandle) -> None:
+        last_health = time.monotonic()
+        while True:
+            # an ejected worker is probed at the load interval, so a restarted one rejoins quickly
+            if not worker.healthy or time.monotonic() - last_health >= self.config.health_interval_s:
+                await self.check(worker)
+                last_health = time.monotonic()
+            if worker.healthy:
+                await self.poll_load(worker)
+            await asyncio.sleep(self.config.load_interval_s)
+
+    async def check(self, worker: WorkerHandle) -> bool:
+        """One health check; admits or ejects the worker accordingly. Returns the new health."""
+        timeout = self.config.health_timeout_s
+        try:
+            reply = await worker.client.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+            serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+            reason = "not_serving"
+        except grpc.aio.AioRpcError as exc:
+            serving, reason = False, exc.code().name.lower()
+        if serving and not worker.healthy:
+            try:
+                info = await worker.client.worker.GetModelInfo(worker_pb2.GetModelInfoRequest(), timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                log.warning(
+                    "GetModelInfo failed", extra={"fields": {"worker": worker.address, "code": exc.code().name}}
+                )
+                return False
+            worker.model = info.served_model_name
+            worker.max_context_length = info.max_context_length or None
+            worker.failed_checks = 0
+            worker.healthy = True
+            self.metrics.worker_healthy.labels(worker.address).set(1)
+            log.info("worker admitted", extra={"fields": {"worker": worker.address, "model": worker.model}})
+        elif serving:
+            worker.failed_checks = 0
+        elif worker.healthy:
+            worker.failed_checks += 1
+            if worker.failed_checks >= _UNHEALTHY_AFTER:
+                self.eject(worker, f"health_{reason}")
+        return worker.healthy
+
+    async def poll_load(self, worker: WorkerHandle) -> None:
+        """Refresh the worker's load report; a failed poll leaves the old numbers (health decides ejection)."""
+        try:
+            load = await worker.client.worker.GetLoad(worker_pb2.GetLoadRequest(), timeout=self.config.health_timeout_s)
+        except grpc.aio.AioRpcError:
+            return
+        worker.load.num_running = load.num_requests_running
+        worker.load.num_waiting = load.num_requests_waiting
+        worker.load.kv_cache_usage = load.kv_cache_usage
+
+    def eject(self, worker: WorkerHandle, reason: str) -> None:
+        """Take a worker out of routing until a health check passes again."""
+        if not worker.healthy:
+            return
+        worker.healthy = False
+        worker.failed_checks = 0
+        self.metrics.worker_healthy.labels(worker.address).set(0)
+        self.metrics.worker_ejections.labels(worker.address, reason).inc()
+        log.warning("worker ejected", extra={"fields": {"worker": worker.address, "reason": reason}})
+
+    async def abort(self, worker: WorkerHandle, request_ids: list[str]) -> None:
+        """Best-effort Abort; the cancelled call already tells the worker, this makes sure of it."""
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+            await worker.client.worker.Abort(worker_pb2.AbortRequest(request_ids=request_ids), timeout=2.0)
+
+    def abort_in_background(self, worker: WorkerHandle, request_ids: list[str]) -> None:
+        self._spawn(self.abort(worker, request_ids))

@@ -1,0 +1,39 @@
+"""GatewayConfig from flags and environment, and the API-key check."""
+
+import pytest
+
+from gateway.auth import ApiKeyChecker
+from gateway.config import GatewayConfig
+
+
+def test_flags_win_over_environment() -> None:
+    env = {"SFLLM_GATEWAY_POLICY": "prefix", "SFLLM_GATEWAY_PORT": "9000", "SFLLM_API_KEY": "k1,k2"}
+    config = GatewayConfig.from_args(["--workers", "a:1, b:2", "--port", "8100"], env)
+    assert config.workers == ["a:1", "b:2"]
+    assert config.policy == "prefix" and config.port == 8100
+    assert config.api_keys == ["k1", "k2"]
+    assert GatewayConfig.from_args(["--workers", "a:1", "--api-key", "x"], env).api_keys == ["x"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["--workers", "nohostport"], ["--workers", "a:1", "--max-in-flight", "0"]],
+)
+def test_bad_settings_exit_with_a_message(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        GatewayConfig.from_args(argv, {})
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_bad_policy_from_environment_is_refused() -> None:
+    with pytest.raises(SystemExit):
+        GatewayConfig.from_args(["--workers", "a:1"], {"SFLLM_GATEWAY_POLICY": "random"})
+
+
+def test_api_keys() -> None:
+    assert ApiKeyChecker([]).allows(None)
+    checker = ApiKeyChecker(["secret", "other"])
+    assert checker.allows("Bearer secret") and checker.allows("bearer other")
+    for header in (None, "", "Bearer", "Bearer wrong", "Basic secret", "secret"):
+        assert not checker.allows(header)
