@@ -11,8 +11,11 @@ Usage: python bench/engine.py [--models qwen3-0.6b qwen3-8b gemma3-1b] [--parts 
 """
 
 import argparse
+import cProfile
 import gc
 import json
+import os
+import pstats
 import time
 
 import torch
@@ -21,6 +24,8 @@ import transformers
 from sfllm_core.config import EngineConfig
 from sfllm_core.engine.inference_engine import InferenceEngine
 from sfllm_core.sampling_params import SamplingParams
+
+PROFILE_DIR = os.environ.get("SFLLM_PROFILE_DIR")
 
 SHAPES = {
     "qwen3-0.6b": lambda: transformers.Qwen3Config(
@@ -150,6 +155,11 @@ def ours(name: str, config, parts: list[str], n_seqs: int, bw: float) -> dict:
         tn = sync_time(lambda: engine.generate([prompt], SamplingParams(max_tokens=256, **greedy)))
         res["b_ms_per_token"] = (tn - t1) / 255 * 1e3
         res["b_floor_ms"] = (wb + kv_read_bytes(config, 256)) / bw * 1e3
+        graphs = engine.runner.graphs
+        if graphs is not None:
+            # The same decode step with no host work: replaying the captured graph back to back.
+            graphs.graphs[1].replay()
+            res["b_graph_only_ms"] = sync_time(lambda: [graphs.graphs[1].replay() for _ in range(100)]) * 10
     if "c" in parts:
         for batch in (64, 256):
             prompts = [torch.randint(0, 10000, (1024,)).tolist() for _ in range(batch)]
@@ -161,9 +171,20 @@ def ours(name: str, config, parts: list[str], n_seqs: int, bw: float) -> dict:
                 engine.step()
             steps = 20
             t = sync_time(lambda steps=steps: [engine.step() for _ in range(steps)])
+            if PROFILE_DIR:
+                # Where the host time of a step goes (the GPU part is graph_only below).
+                profiler = cProfile.Profile()
+                profiler.runcall(lambda: [engine.step() for _ in range(10)])
+                with open(f"{PROFILE_DIR}/{name}-step-b{batch}.prof.txt", "w") as f:
+                    pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(25)
             while engine.has_work():
                 engine.step()
             res[f"c{batch}_step_ms"] = t / steps * 1e3
+            size = next(s for s in engine.runner.graphs.sizes if s >= batch)
+            replay = engine.runner.graphs.graphs[size].replay
+            res[f"c{batch}_graph_only_ms"] = (
+                sync_time(lambda replay=replay, steps=steps: [replay() for _ in range(steps)]) / steps * 1e3
+            )
             res[f"c{batch}_floor_ms"] = (wb + batch * kv_read_bytes(config, 1040)) / bw * 1e3
     if "a" in parts:
         prompts, out_lens = workload(n_seqs)
@@ -178,26 +199,43 @@ def ours(name: str, config, parts: list[str], n_seqs: int, bw: float) -> dict:
     return res
 
 
+class _TokenClock:
+    """A generate() streamer that only records when each step's tokens reach the host."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def ms_per_step(self) -> float:
+        # times[0] is the prompt, times[1] the first token (prefill); the rest are decode steps.
+        steps = self.times[1:]
+        return (steps[-1] - steps[0]) / (len(steps) - 1) * 1e3
+
+
 def peer(name: str, config, parts: list[str], n_seqs: int) -> dict:
     res: dict = {}
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
     gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    if "b" in parts:
-        ids = torch.randint(0, 10000, (1, 128), device="cuda")
-        kw = dict(cache_implementation="static", **gen)
+    static = dict(cache_implementation="static", **gen)
+
+    def decode_ms(batch: int, prompt_len: int, new_tokens: int) -> float:
+        ids = torch.randint(0, 10000, (batch, prompt_len), device="cuda")
+        kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, **static)
         with torch.inference_mode():
-            model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
-            t1 = sync_time(lambda: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw))
-            tn = sync_time(lambda: model.generate(ids, max_new_tokens=256, min_new_tokens=256, **kw))
-        res["b_ms_per_token"] = (tn - t1) / 255 * 1e3
+            model.generate(ids, **kw)  # same shapes as the timed run: nothing left to compile
+            clock = _TokenClock()
+            model.generate(ids, streamer=clock, **kw)
+        return clock.ms_per_step()
+
+    if "b" in parts:
+        res["b_ms_per_token"] = decode_ms(1, 128, 256)
     if "c" in parts:
-        for batch in (64,):
-            ids = torch.randint(0, 10000, (batch, 1024), device="cuda")
-            kw = dict(cache_implementation="static", **gen)
-            with torch.inference_mode():
-                t1 = sync_time(lambda ids=ids, kw=kw: model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw))
-                tn = sync_time(lambda ids=ids, kw=kw: model.generate(ids, max_new_tokens=17, min_new_tokens=17, **kw))
-            res[f"c{batch}_step_ms"] = (tn - t1) / 16 * 1e3
+        res["c64_step_ms"] = decode_ms(64, 1024, 32)
     if "a" in parts:
         prompts, out_lens = workload(n_seqs)
         mean_out = sum(out_lens) // len(out_lens)
@@ -205,15 +243,13 @@ def peer(name: str, config, parts: list[str], n_seqs: int) -> dict:
         for impl in ("paged|sdpa", "sdpa_paged"):
             try:
                 model.set_attn_implementation(impl)
+                res["a_impl"] = impl
                 break
             except Exception as exc:  # the name changed across transformers 5.x releases
                 res["a_impl_error"] = repr(exc)
-        with torch.inference_mode():
-            model.generate_batch(prompts[:4], generation_config=cfg, progress_bar=False)
-            outputs = {}
-            t = sync_time(
-                lambda: outputs.update(model.generate_batch(prompts, generation_config=cfg, progress_bar=False))
-            )
+        model.generate_batch(prompts[:4], generation_config=cfg, progress_bar=False)
+        outputs = {}
+        t = sync_time(lambda: outputs.update(model.generate_batch(prompts, generation_config=cfg, progress_bar=False)))
         generated = sum(len(o.generated_tokens) for o in outputs.values())
         res["a_tok_s"] = generated / t
         res["a_seqs"] = n_seqs
@@ -266,8 +302,10 @@ def main() -> None:
     rows = [
         ("a", "a_tok_s", "(a) offline out tok/s", None),
         ("b", "b_ms_per_token", "(b) batch-1 ms/token", "b_floor_ms"),
+        ("b", "b_graph_only_ms", "(b) graph replay alone ms", "b_floor_ms"),
         ("c", "c64_step_ms", "(c) step ms, batch 64", "c64_floor_ms"),
         ("c", "c256_step_ms", "(c) step ms, batch 256", "c256_floor_ms"),
+        ("c", "c256_graph_only_ms", "(c) graph alone, batch 256", "c256_floor_ms"),
     ]
     for name, entry in results["models"].items():
         s, p = entry["sfllm"], entry.get("transformers", {})

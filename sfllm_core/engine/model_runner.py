@@ -44,6 +44,10 @@ class _DecodeGraphs:
         self.page_table = torch.zeros(n, max_pages, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
+        # Page-locked host mirrors, filled in place each step: pinning memory per step costs more
+        # than the whole replay of a small model.
+        self.host_inputs = torch.zeros(4, n, dtype=torch.int64, pin_memory=True)
+        self.host_table = torch.zeros(n, max_pages, dtype=torch.int32, pin_memory=True)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -115,8 +119,7 @@ class ModelRunner:
         dev = self.device
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            t = torch.tensor(values, dtype=dtype)
-            return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+            return torch.tensor(values, dtype=dtype).to(dev)
 
         meta = BatchMetadata(
             positions=tensor(positions, torch.int64),
@@ -161,26 +164,28 @@ class ModelRunner:
         b = len(batch.seqs)
         size = next(s for s in g.sizes if s >= b)
         page_size = self.pool.page_size
-        scratch_slot = self.pool.scratch_page * page_size
-        ids, pos, slots, lens = [], [], [], []
-        table = torch.full((size, g.max_pages), self.pool.scratch_page, dtype=torch.int32)
+        scratch = self.pool.scratch_page
+        inputs = g.host_inputs.numpy()
+        table = g.host_table.numpy()
         for i, seq in enumerate(batch.seqs):
             p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(seq.pages[p // page_size] * page_size + p % page_size)
-            lens.append(p + 1)
-            table[i, : len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int32)
-        pad = size - b
-        host = torch.tensor(
-            [ids + [0] * pad, pos + [0] * pad, slots + [scratch_slot] * pad, lens + [1] * pad], dtype=torch.int64
-        )
-        host = host.pin_memory()
+            inputs[0, i] = seq.token_ids[p]
+            inputs[1, i] = p
+            inputs[2, i] = seq.pages[p // page_size] * page_size + p % page_size
+            inputs[3, i] = p + 1
+            pages = seq.pages
+            table[i, : len(pages)] = pages
+            table[i, len(pages) :] = scratch
+        inputs[:, b:size] = ((0,), (0,), (scratch * page_size,), (1,))
+        table[b:size] = scratch
+        # All earlier GPU work has finished (the last step synced on its sampled tokens), so the
+        # host buffers are free to refill and the copies can run asynchronously.
+        host = g.host_inputs[:, :size]
         g.input_ids[:size].copy_(host[0], non_blocking=True)
         g.positions[:size].copy_(host[1], non_blocking=True)
         g.slot_mapping[:size].copy_(host[2], non_blocking=True)
         g.seq_lens[:size].copy_(host[3], non_blocking=True)
-        g.page_table[:size].copy_(table.pin_memory(), non_blocking=True)
+        g.page_table[:size].copy_(g.host_table[:size], non_blocking=True)
         g.graphs[size].replay()
         return g.outputs[size][:b]
 
