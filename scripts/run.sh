@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Start one worker and the gateway in the foreground; Ctrl-C stops both.
+set -euo pipefail
+MODEL=${1:-}; HOST=${2:-127.0.0.1}; PORT=${3:-8000}; WORKER_PORT=${4:-50051}; METRICS_PORT=${5:-9400}
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+model_args=()
+[ -n "$MODEL" ] && model_args=(--model "$MODEL")
+
+"$BIN/sfllm-worker" "${model_args[@]}" --host 127.0.0.1 --port "$WORKER_PORT" --metrics-port "$METRICS_PORT" &
+worker=$!
+trap 'kill -TERM $worker ${gateway:-} 2>/dev/null; wait' EXIT INT TERM
+"$BIN/sfllm-gateway" --workers "127.0.0.1:$WORKER_PORT" --host "$HOST" --port "$PORT" &
+gateway=$!
+
+echo "Waiting for the worker to load the model (the first start converts and caches it)..."
+until curl -sf "http://$HOST:$PORT/health" >/dev/null; do
+  kill -0 $worker 2>/dev/null || { echo "worker exited"; exit 1; }
+  sleep 1
+done
+cat <<MSG
+
+SFLLM is serving on http://$HOST:$PORT/v1 (worker gRPC on 127.0.0.1:$WORKER_PORT, metrics on :$METRICS_PORT)
+Try:
+  curl -s http://$HOST:$PORT/v1/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "gemma3-270m", "prompt": "<bos>The capital of France is", "max_tokens": 32, "temperature": 0}'
+Ctrl-C stops it.
+MSG
+wait
