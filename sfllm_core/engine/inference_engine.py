@@ -6,15 +6,15 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
 from sfllm_core.config import EngineConfig
 from sfllm_core.engine.memory_pool import MemoryPool
 from sfllm_core.engine.model_runner import ModelRunner
-from sfllm_core.engine.request_sequence import RequestSequence, SequenceStatus
-from sfllm_core.engine.scheduler import Scheduler
+from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence, SequenceStatus
+from sfllm_core.engine.scheduler import ScheduledBatch, Scheduler
 from sfllm_core.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from sfllm_core.layers.attention import AttentionBackend, TorchPagedAttention
 from sfllm_core.layers.sampler import Sampler
@@ -74,7 +74,9 @@ class InferenceEngine:
         model_max = self.model_config.max_position_embeddings
         self.max_context_length = min(config.max_context_length or min(model_max, DEFAULT_MAX_CONTEXT), model_max)
         self.pool = self._build_pool()
-        self.scheduler = Scheduler(self.pool, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.pool, config.max_num_seqs, config.max_num_batched_tokens, self.max_context_length
+        )
         graph_batch = min(config.cuda_graph_max_batch, config.max_num_seqs) if config.cuda_graphs else 0
         self.runner = ModelRunner(
             self.model, self.pool, self._build_backend(), self.device, self.max_context_length, graph_batch
@@ -87,6 +89,8 @@ class InferenceEngine:
         self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._pending: _PendingStep | None = None
+        self._token_buffers: list[torch.Tensor] = []  # page-locked, for reading sampled ids back
         logger.info(
             "engine ready: model=%s device=%s dtype=%s context=%d kv_pages=%d page_size=%d load_s=%.1f",
             self.model_name,
@@ -112,6 +116,8 @@ class InferenceEngine:
         if path is not None:
             tied = bool(getattr(self.model_config, "tie_word_embeddings", False))
             assign_weights(model, load_weights(path, self.dtype), tied)
+        # Loading needs the checkpoint's separate q/k/v and gate/up tensors; serving wants one GEMM each.
+        model.fuse_projections()
         return model.eval().requires_grad_(False)
 
     def _build_pool(self) -> MemoryPool:
@@ -234,7 +240,7 @@ class InferenceEngine:
 
     def has_work(self) -> bool:
         with self._cv:
-            return bool(self._inbox) or self.scheduler.has_work()
+            return bool(self._inbox) or self.scheduler.has_work() or self._pending is not None
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -254,9 +260,21 @@ class InferenceEngine:
     # ---- the step -----------------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
-        """Admit queued requests, run one forward pass, sample, and report what changed."""
+        """Admit queued requests, run one forward pass, sample, and report what changed.
+
+        Pure decode steps that replay a CUDA graph are overlapped: the step's sampled ids stay on
+        the GPU and feed the next step directly, and the host reads them (finish checks, outputs)
+        while that next step runs. Every other step first settles what is pending.
+        """
         outputs = self._drain_inbox()
         batch = self.scheduler.schedule()
+        pending, self._pending = self._pending, None
+        if batch.seqs and self.runner.graph_fits(batch) and not any(self.sampler.needs_host(s) for s in batch.seqs):
+            return outputs + self._launch_overlapped(batch, pending)
+        if pending is not None:
+            outputs += self._resolve(pending)
+            kept = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if not s.is_finished]
+            batch = ScheduledBatch([s for s, _ in kept], [n for _, n in kept])
         if not batch.seqs:
             return outputs
         try:
@@ -265,28 +283,73 @@ class InferenceEngine:
             sampled = [batch.seqs[r] for r in rows]
             tokens, logprobs = self.sampler(logits, sampled) if sampled else ([], [])
         except Exception as exc:  # a failed step ends its batch, never the engine
-            logger.exception("step failed; ending %d requests of its batch", len(batch.seqs))
-            for seq in batch.seqs:
-                self._seqs.pop(seq.request_id, None)
-                self.scheduler.finish(seq, "error")
-                outputs.append(self._output(seq, [], None, finished=True, error=f"{type(exc).__name__}: {exc}"))
-            return outputs
+            return outputs + self._fail(batch, exc)
         for seq, token, logprob in zip(sampled, tokens, logprobs):
-            outputs.append(self._append_token(seq, token, logprob))
+            seq.token_ids.append(token)
+            outputs.append(self._accept_token(seq, seq.num_tokens - 1, logprob))
         return outputs
 
-    def _append_token(self, seq: RequestSequence, token: int, logprob) -> StepOutput:
+    def _launch_overlapped(self, batch: ScheduledBatch, pending: "_PendingStep | None") -> list[StepOutput]:
+        try:
+            rows = {id(s): i for i, s in enumerate(pending.seqs)} if pending is not None else None
+            logits, _ = self.runner.execute(batch, pending.tokens if pending else None, rows)
+            self.scheduler.commit(batch)
+            tokens = self.sampler.select(logits, batch.seqs)
+            if len(self._token_buffers) < 2:
+                size = self.runner.graphs.sizes[-1]
+                self._token_buffers = [torch.empty(size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            # Alternate buffers: the other one may still be read by the step being resolved below.
+            host = self._token_buffers[0 if pending is None or pending.host is self._token_buffers[1] else 1]
+            host[: len(batch.seqs)].copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        except Exception as exc:
+            outputs = self._resolve(pending) if pending is not None else []
+            return outputs + self._fail([s for s in batch.seqs if not s.is_finished], exc)
+        positions = []
+        for seq in batch.seqs:
+            positions.append(seq.num_tokens)
+            seq.token_ids.append(PENDING_TOKEN)
+        self._pending = _PendingStep(batch.seqs, positions, tokens, host, ready)
+        return self._resolve(pending) if pending is not None else []
+
+    def _resolve(self, pending: "_PendingStep") -> list[StepOutput]:
+        """Read a launched step's sampled ids and settle its sequences."""
+        pending.ready.synchronize()
+        tokens = pending.host[: len(pending.seqs)].tolist()
+        outputs = []
+        for seq, position, token in zip(pending.seqs, pending.positions, tokens):
+            if seq.is_finished:  # aborted, or ended by the step before
+                continue
+            seq.token_ids[position] = token
+            outputs.append(self._accept_token(seq, position, None))
+        return outputs
+
+    def _fail(self, seqs, exc: Exception) -> list[StepOutput]:
+        seqs = list(seqs.seqs if isinstance(seqs, ScheduledBatch) else seqs)
+        logger.exception("step failed; ending %d requests of its batch", len(seqs))
+        outputs = []
+        for seq in seqs:
+            self._seqs.pop(seq.request_id, None)
+            self.scheduler.finish(seq, "error")
+            outputs.append(self._output(seq, [], None, finished=True, error=f"{type(exc).__name__}: {exc}"))
+        return outputs
+
+    def _accept_token(self, seq: RequestSequence, position: int, logprob) -> StepOutput:
+        """Check the token now at `position` for the end of the request; later (pending) ones are dropped."""
         params = seq.params
-        seq.token_ids.append(token)
+        token = seq.token_ids[position]
         stop = (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids
         if stop:
+            del seq.token_ids[position + 1 :]
             seq.stop_token_id = token
             self._finish(seq, "stop")
             return self._output(seq, [], None, finished=True)
         if seq.logprobs is not None and logprob is not None:
             seq.logprobs.append(logprob)
-        num_out = seq.num_tokens - seq.num_prompt_tokens
-        if num_out >= params.max_tokens or seq.num_tokens >= self.max_context_length:
+        num_out = position + 1 - seq.num_prompt_tokens
+        if num_out >= params.max_tokens or position + 1 >= self.max_context_length:
+            del seq.token_ids[position + 1 :]
             self._finish(seq, "length")
             return self._output(seq, [token], logprob, finished=True)
         return self._output(seq, [token], logprob)
@@ -376,7 +439,9 @@ class InferenceEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._inbox and not self.scheduler.has_work():
+                while (
+                    not self._stopping and not self._inbox and not self.scheduler.has_work() and self._pending is None
+                ):
                     self._cv.wait()
                 if self._stopping:
                     return
@@ -410,6 +475,17 @@ class InferenceEngine:
             self._finish(seq, "abort")
             outputs.append(self._output(seq, [], None, finished=True))
         self._deliver(outputs)
+
+
+@dataclass
+class _PendingStep:
+    """A launched decode step whose sampled ids the host has not read yet."""
+
+    seqs: list[RequestSequence]
+    positions: list[int]  # where each sequence's pending token sits in its token_ids
+    tokens: torch.Tensor  # the sampled ids, on the device
+    host: torch.Tensor  # page-locked copy target of `tokens`
+    ready: "torch.cuda.Event"  # recorded after the copy
 
 
 def _served_name(requested: str | None, path: str | None) -> str:

@@ -11,6 +11,7 @@ import time
 import torch
 
 from sfllm_core.engine.memory_pool import MemoryPool
+from sfllm_core.engine.request_sequence import PENDING_TOKEN
 from sfllm_core.engine.scheduler import ScheduledBatch
 from sfllm_core.layers.attention import AttentionBackend, BatchMetadata
 from sfllm_core.models.common import ForwardContext
@@ -44,10 +45,15 @@ class _DecodeGraphs:
         self.page_table = torch.zeros(n, max_pages, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
-        # Page-locked host mirrors, filled in place each step: pinning memory per step costs more
-        # than the whole replay of a small model.
-        self.host_inputs = torch.zeros(4, n, dtype=torch.int64, pin_memory=True)
-        self.host_table = torch.zeros(n, max_pages, dtype=torch.int32, pin_memory=True)
+        # Where a pending token (sampled last step, still on the GPU) comes from: its row there.
+        self.token_src = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.token_pending = torch.zeros(n, dtype=torch.int64, device=dev)
+        # Page-locked host mirrors, filled in place each step (pinning memory per step costs more
+        # than the whole replay of a small model). Two sets, used in turn: with overlapped steps
+        # the copies out of one set may still be queued while the next step fills the other.
+        self.host_inputs = torch.zeros(2, 6, n, dtype=torch.int64, pin_memory=True)
+        self.host_table = torch.zeros(2, n, max_pages, dtype=torch.int32, pin_memory=True)
+        self.turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -140,10 +146,19 @@ class ModelRunner:
     # ---- execution ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
-        """Run one step; returns logits [len(sample_rows), vocab] (float32) and sample_rows."""
-        if self.graphs is not None and self._graph_fits(batch):
-            return self._replay(batch), list(range(len(batch.seqs)))
+    def execute(
+        self,
+        batch: ScheduledBatch,
+        pending_tokens: torch.Tensor | None = None,
+        pending_rows: dict[int, int] | None = None,
+    ) -> tuple[torch.Tensor | None, list[int]]:
+        """Run one step; returns logits [len(sample_rows), vocab] (float32) and sample_rows.
+
+        A sequence whose next input is PENDING_TOKEN takes it from pending_tokens (last step's
+        sampled ids, still on the device) at row pending_rows[id(seq)]; only graph replays do that.
+        """
+        if self.graphs is not None and self.graph_fits(batch):
+            return self._replay(batch, pending_tokens, pending_rows), list(range(len(batch.seqs)))
         input_ids, meta, sample_rows = self.prepare(batch)
         self.backend.prepare(meta)
         ctx = ForwardContext(self.backend, meta, self.pool.kv_caches)
@@ -152,40 +167,54 @@ class ModelRunner:
             return None, sample_rows
         return self.model.compute_logits(hidden[meta.logits_indices]), sample_rows
 
-    def _graph_fits(self, batch: ScheduledBatch) -> bool:
+    def graph_fits(self, batch: ScheduledBatch) -> bool:
+        """A pure decode batch no larger than the largest captured graph."""
         return (
-            len(batch.seqs) <= self.graphs.sizes[-1]
+            self.graphs is not None
+            and len(batch.seqs) <= self.graphs.sizes[-1]
             and all(n == 1 for n in batch.num_new_tokens)
             and all(s.num_computed_tokens + 1 == s.num_tokens for s in batch.seqs)
         )
 
-    def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _replay(
+        self, batch: ScheduledBatch, pending_tokens: torch.Tensor | None, pending_rows: dict[int, int] | None
+    ) -> torch.Tensor:
         g = self.graphs
         b = len(batch.seqs)
         size = next(s for s in g.sizes if s >= b)
         page_size = self.pool.page_size
         scratch = self.pool.scratch_page
-        inputs = g.host_inputs.numpy()
-        table = g.host_table.numpy()
+        g.turn ^= 1
+        host_inputs, host_table = g.host_inputs[g.turn], g.host_table[g.turn]
+        inputs, table = host_inputs.numpy(), host_table.numpy()
+        any_pending = False
         for i, seq in enumerate(batch.seqs):
             p = seq.num_computed_tokens
-            inputs[0, i] = seq.token_ids[p]
+            token = seq.token_ids[p]
+            if token == PENDING_TOKEN:
+                any_pending = True
+                inputs[0, i], inputs[4, i], inputs[5, i] = 0, pending_rows[id(seq)], 1
+            else:
+                inputs[0, i], inputs[4, i], inputs[5, i] = token, 0, 0
             inputs[1, i] = p
             inputs[2, i] = seq.pages[p // page_size] * page_size + p % page_size
             inputs[3, i] = p + 1
             pages = seq.pages
             table[i, : len(pages)] = pages
             table[i, len(pages) :] = scratch
-        inputs[:, b:size] = ((0,), (0,), (scratch * page_size,), (1,))
+        inputs[:, b:size] = ((0,), (0,), (scratch * page_size,), (1,), (0,), (0,))
         table[b:size] = scratch
-        # All earlier GPU work has finished (the last step synced on its sampled tokens), so the
-        # host buffers are free to refill and the copies can run asynchronously.
-        host = g.host_inputs[:, :size]
+        host = host_inputs[:, :size]
         g.input_ids[:size].copy_(host[0], non_blocking=True)
         g.positions[:size].copy_(host[1], non_blocking=True)
         g.slot_mapping[:size].copy_(host[2], non_blocking=True)
         g.seq_lens[:size].copy_(host[3], non_blocking=True)
-        g.page_table[:size].copy_(g.host_table[:size], non_blocking=True)
+        g.page_table[:size].copy_(host_table[:size], non_blocking=True)
+        if any_pending:
+            g.token_src[:size].copy_(host[4], non_blocking=True)
+            g.token_pending[:size].copy_(host[5], non_blocking=True)
+            gathered = pending_tokens[g.token_src[:size]]
+            g.input_ids[:size].copy_(torch.where(g.token_pending[:size].bool(), gathered, g.input_ids[:size]))
         g.graphs[size].replay()
         return g.outputs[size][:b]
 

@@ -8,6 +8,10 @@ import torch
 from sfllm_core.outputs import TokenLogprob
 from sfllm_core.sampling_params import SamplingParams
 
+# Stands in token_ids for a token sampled on the GPU whose value the host has not read yet
+# (the engine reads step N's tokens while step N+1 runs).
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued, or preempted and waiting to be recomputed

@@ -4,7 +4,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from sfllm_core.engine.memory_pool import MemoryPool
-from sfllm_core.engine.request_sequence import RequestSequence, SequenceStatus
+from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence, SequenceStatus
 
 
 @dataclass
@@ -31,8 +31,11 @@ class Scheduler:
     admitted running sequence is preempted: its pages are freed and it waits to be recomputed.
     """
 
-    def __init__(self, pool: MemoryPool, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, pool: MemoryPool, max_num_seqs: int, max_num_batched_tokens: int, max_context_length: int | None = None
+    ) -> None:
         self.pool = pool
+        self.max_context_length = max_context_length
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[RequestSequence] = deque()
@@ -44,6 +47,11 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def _complete(self, seq: RequestSequence) -> bool:
+        if seq.num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens:
+            return True
+        return self.max_context_length is not None and seq.num_tokens >= self.max_context_length
 
     def _pages_needed(self, seq: RequestSequence, num_new: int) -> int:
         total = seq.num_computed_tokens + num_new
@@ -66,6 +74,8 @@ class Scheduler:
             if budget == 0:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            if self._complete(seq):  # its last token is sampled, only not read back yet
                 continue
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             need = self._pages_needed(seq, num_new)
@@ -113,8 +123,11 @@ class Scheduler:
             seq.num_computed_tokens += n
             while len(seq.page_hashes) < seq.num_computed_tokens // page_size:
                 i = len(seq.page_hashes)
+                tokens = seq.token_ids[i * page_size : (i + 1) * page_size]
+                if PENDING_TOKEN in tokens:  # hashed at a later commit, once the token is known
+                    break
                 parent = seq.page_hashes[-1] if seq.page_hashes else 0
-                h = self.pool.page_hash(parent, seq.token_ids[i * page_size : (i + 1) * page_size])
+                h = self.pool.page_hash(parent, tokens)
                 seq.page_hashes.append(h)
                 self.pool.register_page(seq.pages[i], h)
 
@@ -128,5 +141,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.pool.free(seq.pages)
         seq.pages = []
+        while seq.token_ids and seq.token_ids[-1] == PENDING_TOKEN:
+            seq.token_ids.pop()
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

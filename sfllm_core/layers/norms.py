@@ -1,4 +1,8 @@
-"""RMSNorm in the two flavours the served models use; both normalise in float32."""
+"""RMSNorm in the two flavours the served models use; both normalise in float32.
+
+`add_norm` carries the residual stream: it returns norm(x + residual) and x + residual, so on
+CUDA the add rides in the norm's kernel instead of costing a launch of its own.
+"""
 
 import torch
 from torch import nn
@@ -7,27 +11,57 @@ from torch import nn
 class RMSNorm(nn.Module):
     """Qwen3's RMSNorm: weight * normalised(x), the weight applied in the input dtype."""
 
+    gemma = False
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.use_triton = False  # InferenceEngine turns this on for the Triton backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_triton and x.is_cuda:
+            from sfllm_core.kernels.rmsnorm import rmsnorm
 
-class GemmaRMSNorm(nn.Module):
+            return rmsnorm(x, self.weight, self.eps, self.gemma)
+        return self._reference(x)
+
+    def add_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, x_norm: "RMSNorm | None" = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x), the sum in the activation dtype.
+
+        x_norm, if given, normalises x before the add (Gemma's sandwich norms), in the same kernel.
+        """
+        if self.use_triton and x.is_cuda:
+            from sfllm_core.kernels.rmsnorm import rmsnorm
+
+            if x_norm is None:
+                return rmsnorm(x, self.weight, self.eps, self.gemma, residual)
+            assert x_norm.gemma == self.gemma
+            return rmsnorm(x, self.weight, self.eps, self.gemma, residual, x_norm.weight, x_norm.eps)
+        if x_norm is not None:
+            x = x_norm(x)
+        residual = residual + x
+        return self._reference(residual), residual
+
+
+class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: normalised(x) * (1 + weight), all in float32, then back to the input dtype."""
 
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(dim))
-        self.eps = eps
+    gemma = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

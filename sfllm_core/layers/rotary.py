@@ -2,6 +2,8 @@
 
 import torch
 
+from sfllm_core.layers.norms import RMSNorm
+
 
 def rope_cos_sin_cache(head_dim: int, base: float, max_positions: int, scaling_factor: float = 1.0) -> torch.Tensor:
     """[max_positions, head_dim] float32: cos in the first half of the last dim, sin in the second.
@@ -45,3 +47,17 @@ class RotaryEmbedding(torch.nn.Module):
             apply_rope_reference(q, positions, self.cos_sin_cache),
             apply_rope_reference(k, positions, self.cos_sin_cache),
         )
+
+
+def norm_and_rotate(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm, rotary: RotaryEmbedding
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of q [T, Hq, D] and k [T, Hk, D], then RoPE; on CUDA one in-place kernel."""
+    if rotary.use_triton and q.is_cuda:
+        from sfllm_core.kernels.qk_norm_rope import qk_norm_rope
+
+        qk_norm_rope(
+            q, k, positions, rotary.cos_sin_cache, q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps, q_norm.gemma
+        )
+        return q, k
+    return rotary(positions, q_norm(q), k_norm(k))

@@ -24,20 +24,23 @@ class Sampler:
             self._generators[device].manual_seed(self.seed)
         return self._generators[device]
 
+    def select(self, logits: torch.Tensor, seqs: list[RequestSequence]) -> torch.Tensor:
+        """One token id per row, left on the logits' device (no host sync)."""
+        logits = self._apply_penalties(logits, seqs)
+        tokens = logits.argmax(dim=-1)
+        sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows, device=logits.device)
+            tokens[rows] = self._sample(logits[rows], [seqs[i] for i in sampled_rows])
+        return tokens
+
     def __call__(
         self, logits: torch.Tensor, seqs: list[RequestSequence]
     ) -> tuple[list[int], list[TokenLogprob | None]]:
         raw_logprobs = None
         if any(s.params.logprobs for s in seqs):
             raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = self._apply_penalties(logits, seqs)
-        tokens = logits.argmax(dim=-1)
-        sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if sampled_rows:
-            rows = torch.tensor(sampled_rows, device=logits.device)
-            sampled = self._sample(logits[rows], [seqs[i] for i in sampled_rows])
-            tokens[rows] = sampled
-        token_list = tokens.tolist()
+        token_list = self.select(logits, seqs).tolist()
         logprobs: list[TokenLogprob | None] = [None] * len(seqs)
         if raw_logprobs is not None:
             for i, s in enumerate(seqs):
@@ -49,6 +52,12 @@ class Sampler:
                     top = list(zip(ids.tolist(), values.tolist()))
                 logprobs[i] = TokenLogprob(token_list[i], raw_logprobs[i, token_list[i]].item(), top)
         return token_list, logprobs
+
+    @staticmethod
+    def needs_host(seq: RequestSequence) -> bool:
+        """Whether sampling this sequence reads its token history or returns logprobs."""
+        p = seq.params
+        return p.logprobs or p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[RequestSequence]) -> torch.Tensor:
         rows = [

@@ -1,11 +1,12 @@
 """Gemma3 (text): sliding-window layers interleaved with global ones, four norms per layer, GELU-tanh MLP."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from sfllm_core.layers.activation import GeluTanhAndMul
+from sfllm_core.layers.linear import Linear, merge_linears
 from sfllm_core.layers.norms import GemmaRMSNorm
-from sfllm_core.layers.rotary import RotaryEmbedding
+from sfllm_core.layers.rotary import RotaryEmbedding, norm_and_rotate
 from sfllm_core.models.common import ForwardContext, rope_settings, sliding_windows
 
 
@@ -20,7 +21,7 @@ class Gemma3Attention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary = rotary
@@ -28,12 +29,18 @@ class Gemma3Attention(nn.Module):
         # Gemma scales queries by query_pre_attn_scalar, not head_dim.
         self.scale = config.query_pre_attn_scalar**-0.5
 
+    def fuse_projections(self) -> None:
+        self.qkv_proj = merge_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(n, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        q, k = norm_and_rotate(positions, q, k, self.q_norm, self.k_norm, self.rotary)
         k_cache, v_cache = ctx.kv_caches[self.layer_id]
         o = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
@@ -44,10 +51,15 @@ class Gemma3MLP(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = GeluTanhAndMul()
+
+    def fuse_projections(self) -> None:
+        self.gate_up_proj = merge_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        return self.down_proj.forward_gated(self.gate_up_proj(x), self.act)
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -61,9 +73,27 @@ class Gemma3DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
         self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.post_attention_layernorm(self.self_attn(positions, self.input_layernorm(h), ctx))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+    def forward(
+        self,
+        positions: torch.Tensor,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        h_norm: GemmaRMSNorm | None,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h is the previous layer's MLP output, still to pass that layer's post-feedforward norm h_norm
+        and join the residual stream (residual None: h is the embedding, joining as it is).
+
+        Returns this layer's MLP output, likewise not yet normed or added, and the residual stream: each
+        sandwich norm rides in the kernel of the norm that follows its add.
+        """
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm.add_norm(h, residual, h_norm)
+        attn = self.self_attn(positions, x, ctx)
+        x, residual = self.pre_feedforward_layernorm.add_norm(attn, residual, self.post_attention_layernorm)
+        return self.mlp(x), residual
 
 
 class Gemma3TextModel(nn.Module):
@@ -89,13 +119,18 @@ class Gemma3TextModel(nn.Module):
         h = self.embed_tokens(input_ids)
         # The scale is rounded to the activation dtype first, as the reference does.
         h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        residual, h_norm = None, None
         for layer in self.layers:
-            h = layer(positions, h, ctx)
-        return self.norm(h)
+            h, residual = layer(positions, h, residual, h_norm, ctx)
+            h_norm = layer.post_feedforward_layernorm
+        return self.norm.add_norm(h, residual, h_norm)[0]
 
 
 class Gemma3ForCausalLM(nn.Module):
-    """Token ids in, final hidden states out; `compute_logits` projects (and soft-caps) sampled rows."""
+    """Token ids in, final hidden states out; `compute_logits` projects (and soft-caps) sampled rows.
+
+    Weights load under the checkpoint's names; `fuse_projections` must then run before `forward`.
+    """
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -105,6 +140,12 @@ class Gemma3ForCausalLM(nn.Module):
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.final_logit_softcapping = getattr(config, "final_logit_softcapping", None)
+
+    def fuse_projections(self) -> None:
+        """Merge q|k|v and gate|up into one GEMM each (fewer launches) and free the separate weights."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)

@@ -1,11 +1,12 @@
 """Qwen3 (dense): GQA with per-head q/k RMSNorm, RoPE, SwiGLU MLP, tied or untied embeddings."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from sfllm_core.layers.activation import SiluAndMul
+from sfllm_core.layers.linear import Linear, merge_linears
 from sfllm_core.layers.norms import RMSNorm
-from sfllm_core.layers.rotary import RotaryEmbedding
+from sfllm_core.layers.rotary import RotaryEmbedding, norm_and_rotate
 from sfllm_core.models.common import ForwardContext, rope_settings, sliding_windows
 
 
@@ -20,19 +21,25 @@ class Qwen3Attention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary = rotary
         self.sliding_window = sliding_window
         self.scale = self.head_dim**-0.5
 
+    def fuse_projections(self) -> None:
+        self.qkv_proj = merge_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         n = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(n, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(n, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        q, k = norm_and_rotate(positions, q, k, self.q_norm, self.k_norm, self.rotary)
         k_cache, v_cache = ctx.kv_caches[self.layer_id]
         o = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
@@ -43,10 +50,15 @@ class Qwen3MLP(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act = SiluAndMul()
+
+    def fuse_projections(self) -> None:
+        self.gate_up_proj = merge_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj.forward_gated(self.gate_up_proj(x), self.act)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -57,9 +69,19 @@ class Qwen3DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, positions: torch.Tensor, h: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), ctx)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(
+        self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """h is the previous layer's MLP output, not yet added to residual (None: h is the embedding).
+
+        Returns this layer's MLP output and the residual stream before it, so the next norm adds them.
+        """
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm.add_norm(h, residual)
+        x, residual = self.post_attention_layernorm.add_norm(self.self_attn(positions, x, ctx), residual)
+        return self.mlp(x), residual
 
 
 class Qwen3Model(nn.Module):
@@ -76,14 +98,17 @@ class Qwen3Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            h = layer(positions, h, ctx)
-        return self.norm(h)
+            h, residual = layer(positions, h, residual, ctx)
+        return self.norm.add_norm(h, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):
-    """Token ids in, final hidden states out; `compute_logits` projects the rows that are sampled."""
+    """Token ids in, final hidden states out; `compute_logits` projects the rows that are sampled.
+
+    Weights load under the checkpoint's names; `fuse_projections` must then run before `forward`.
+    """
 
     def __init__(self, config) -> None:
         super().__init__()
@@ -92,6 +117,12 @@ class Qwen3ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse_projections(self) -> None:
+        """Merge q|k|v and gate|up into one GEMM each (fewer launches) and free the separate weights."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         return self.model(input_ids, positions, ctx)

@@ -76,3 +76,25 @@ def test_gemma270m_triton_graphs_against_torch_path(dtype):
             assert a.token_ids == b.token_ids
         else:
             assert agree >= 16, f"parted at token {agree}: {a.text!r} vs {b.text!r}"
+
+
+@pytest.mark.parametrize("which", ["qwen3", "gemma3"])
+def test_overlapped_decode_stops_where_the_plain_path_stops(which, qwen3_path, gemma3_path):
+    """Overlapped steps read tokens one step late; stops, lengths and aborts must land exactly as without."""
+    path = str(qwen3_path if which == "qwen3" else gemma3_path)
+    fast, plain = _engines(path, "float32", kv_cache_memory_gb=0.5, max_num_seqs=16, cuda_graph_max_batch=16)
+    prompts = _prompts(fast.vocab_size, [19, 5, 33, 12, 1, 27, 8, 40])
+    free = plain.generate(prompts, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True))
+    params = []
+    for i, out in enumerate(free):
+        if i % 2:  # stop at a token the free run produces
+            params.append(SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=[out.token_ids[3 + i]]))
+        else:
+            params.append(SamplingParams(max_tokens=1 + 4 * i, temperature=0.0, ignore_eos=True))
+    got, want = fast.generate(prompts, params), plain.generate(prompts, params)
+    assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in want]
+    assert fast.pool.num_used_pages == 0 and not fast.has_work()
+    # Requests sampled with logprobs or penalties fall back to synchronous steps, mixed with others.
+    mixed = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=i % 3 == 0) for i in range(8)]
+    assert [o.token_ids for o in fast.generate(prompts, mixed)] == [o.token_ids for o in plain.generate(prompts, mixed)]
+    assert fast.pool.num_used_pages == 0
