@@ -87,6 +87,25 @@ class TorchPagedAttention(AttentionBackend):
             slots.append((pages[:, None] * meta.page_size + offsets).flatten()[:length])
         meta.backend_state["seq_slots"] = slots
 
+    @staticmethod
+    def _decode_index(meta: BatchMetadata, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded [num_decodes, L] slot indices of the keys each decode attends to, and their mask."""
+        key = ("decode", window)
+        if key not in meta.backend_state:
+            seq_slots = meta.backend_state["seq_slots"][: meta.num_decodes]
+            lengths = meta.seq_lens_cpu[: meta.num_decodes]
+            firsts = [max(0, n - window) if window is not None else 0 for n in lengths]
+            width = max(n - f for n, f in zip(lengths, firsts))
+            device = meta.page_table.device
+            index = torch.zeros(len(lengths), width, dtype=torch.long, device=device)
+            valid = torch.zeros(len(lengths), width, dtype=torch.bool, device=device)
+            for i, (slots, first) in enumerate(zip(seq_slots, firsts)):
+                index[i, : len(slots) - first] = slots[first:]
+                index[i, len(slots) - first :] = slots[first]  # padding reads a real key, then is masked
+                valid[i, : len(slots) - first] = True
+            meta.backend_state[key] = (index, valid[:, None, None, :])
+        return meta.backend_state[key]
+
     def forward(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         if "seq_slots" not in meta.backend_state:
@@ -94,8 +113,21 @@ class TorchPagedAttention(AttentionBackend):
         seq_slots = meta.backend_state["seq_slots"]
         out = torch.empty_like(q)
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
-        start = 0
+        start = batched = 0  # start: next token row; batched: sequences already done together
+        nd = meta.num_decodes
+        if nd > 1:
+            # Decodes together: one padded gather and one attention call instead of one per sequence.
+            index, valid = self._decode_index(meta, sliding_window)
+            keys = k_cache[index].to(q.dtype).transpose(1, 2)  # [nd, Hkv, L, D]
+            values = v_cache[index].to(q.dtype).transpose(1, 2)
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q[:nd].unsqueeze(2), keys, values, attn_mask=valid, scale=scale, enable_gqa=num_heads != num_kv_heads
+            )
+            out[:nd] = o.squeeze(2)
+            start = batched = nd
         for i, (length, qlen) in enumerate(zip(meta.seq_lens_cpu, meta.query_lens_cpu)):
+            if i < batched:
+                continue
             slots = seq_slots[i]
             first_key = 0
             if sliding_window is not None:
