@@ -9,7 +9,7 @@ WORKER_PORT ?= 50051
 METRICS_PORT ?= 9400
 MODEL ?=
 
-.PHONY: install run test test-gpu lint proto bench-cpu clean
+.PHONY: install run test test-gpu lint proto bench-cpu bench-gateway clean
 
 install: $(STAMP)
 
@@ -38,6 +38,9 @@ proto: install
 
 bench-cpu: install
 	$(PY) bench/cpu.py
+
+bench-gateway: install
+	$(PY) bench/gateway_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
