@@ -60,3 +60,16 @@ def merge_linears(*parts: nn.Linear) -> Linear:
     if has_bias:
         merged.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
     return merged
+
+
+# On the CPU, MKL runs x @ W^T for a few rows of x far below memory speed, while W @ x^T streams W:
+# for Gemma3's 262144 x 640 float32 output projection at 8 rows, 49-90 ms against 121-149 ms
+# (2 cores, torch 2.13). Both compute the same dot products.
+CPU_STREAMED_MAX_ROWS = 64
+
+
+def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T, taking the faster order for decode-sized batches on the CPU."""
+    if not x.is_cuda and x.dim() == 2 and 1 < x.shape[0] <= CPU_STREAMED_MAX_ROWS:
+        return (weight @ x.t()).t()
+    return F.linear(x, weight)

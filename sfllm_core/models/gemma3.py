@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from sfllm_core.layers.activation import GeluTanhAndMul
-from sfllm_core.layers.linear import Linear, merge_linears
+from sfllm_core.layers.linear import Linear, merge_linears, project
 from sfllm_core.layers.norms import GemmaRMSNorm
 from sfllm_core.layers.rotary import RotaryEmbedding, norm_and_rotate
 from sfllm_core.models.common import ForwardContext, rope_settings, sliding_windows
@@ -151,7 +151,7 @@ class Gemma3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        logits = project(hidden, self.lm_head.weight).float()
         if self.final_logit_softcapping:
             cap = self.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap

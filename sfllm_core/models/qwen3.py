@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from sfllm_core.layers.activation import SiluAndMul
-from sfllm_core.layers.linear import Linear, merge_linears
+from sfllm_core.layers.linear import Linear, merge_linears, project
 from sfllm_core.layers.norms import RMSNorm
 from sfllm_core.layers.rotary import RotaryEmbedding, norm_and_rotate
 from sfllm_core.models.common import ForwardContext, rope_settings, sliding_windows
@@ -128,4 +128,4 @@ class Qwen3ForCausalLM(nn.Module):
         return self.model(input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
+        return project(hidden, self.lm_head.weight).float()
