@@ -3,7 +3,8 @@
 (a) offline throughput, nano-vllm's workload: N sequences of random token ids, input and output
     lengths uniform in [100, 1024], ignore_eos, seed 0 (peer: generate_batch, paged sdpa);
 (b) batch-1 decode: 128-token prompt, 256 new tokens, ms/token (peer: generate, static cache);
-(c) decode step time at batch 64 and 256 with 1k-token contexts (peer: generate, static cache).
+(c) decode step time at batch 64 and 256 with 1k-token contexts (peer: generate, static cache);
+(d) 64 streams of 256 tokens through the asyncio API (engine loop in its own thread) vs offline.
 Each figure is printed beside its floor: bytes of weights + KV read per step over the copy
 bandwidth measured in the same run. Prints a table last and writes JSON.
 
@@ -11,6 +12,7 @@ Usage: python bench/engine.py [--models qwen3-0.6b qwen3-8b gemma3-1b] [--parts 
 """
 
 import argparse
+import asyncio
 import cProfile
 import gc
 import json
@@ -195,6 +197,25 @@ def ours(name: str, config, parts: list[str], n_seqs: int, bw: float) -> dict:
         t = sync_time(lambda: engine.generate(prompts, params))
         res["a_tok_s"] = sum(out_lens) / t
         res["a_seconds"] = t
+    if "d" in parts:
+        # The worker's path: requests streamed from an asyncio loop while the engine steps in its
+        # own thread, against the same load run offline in one thread (the most a separate engine
+        # process could reach, before its IPC costs).
+        prompts = [torch.randint(0, 10000, (512,)).tolist() for _ in range(64)]
+        params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True)
+        engine.generate(prompts, params)  # warm-up at this batch size: kernels compile for new shapes
+        t_offline = sync_time(lambda: engine.generate(prompts, params))
+
+        async def stream_all() -> int:
+            async def one(prompt: list[int]) -> int:
+                return sum([len(out.token_ids) async for out in engine.stream(prompt, params)])
+
+            return sum(await asyncio.gather(*(one(p) for p in prompts)))
+
+        counted = []
+        t_stream = sync_time(lambda: counted.append(asyncio.run(stream_all())))
+        res["d_offline_tok_s"] = 64 * 256 / t_offline
+        res["d_stream_tok_s"] = counted[0] / t_stream
     engine.shutdown()
     gc.collect()
     torch.cuda.empty_cache()
@@ -308,6 +329,8 @@ def main() -> None:
         ("c", "c64_step_ms", "(c) step ms, batch 64", "c64_floor_ms"),
         ("c", "c256_step_ms", "(c) step ms, batch 256", "c256_floor_ms"),
         ("c", "c256_graph_only_ms", "(c) graph alone, batch 256", "c256_floor_ms"),
+        ("d", "d_offline_tok_s", "(d) 64x256 offline tok/s", None),
+        ("d", "d_stream_tok_s", "(d) same, streamed tok/s", None),
     ]
     for name, entry in results["models"].items():
         s, p = entry["sfllm"], entry.get("transformers", {})
