@@ -14,7 +14,8 @@ trap 'kill -TERM $worker ${gateway:-} 2>/dev/null; wait' EXIT INT TERM
 gateway=$!
 
 echo "Waiting for the worker to load the model (the first start converts and caches it)..."
-until curl -sf "http://$HOST:$PORT/health" >/dev/null; do
+healthy() { "$BIN/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)" "$1" 2>/dev/null; }
+until healthy "http://$HOST:$PORT/health"; do
   kill -0 $worker 2>/dev/null || { echo "worker exited"; exit 1; }
   sleep 1
 done
