@@ -33,4 +33,6 @@ def test_greedy_32_tokens_equal_transformers(gemma270m_path):
         print(f"{prompt!r} -> {out.text!r}")
         assert out.token_ids == expected.tolist()
     assert ours[0].prompt_token_ids[:2] == [2, 818]  # one <bos>, not two
+    # Alone, the output projection takes the one-row route (split over the cores): same tokens.
+    assert engine.generate(PROMPTS[:1], params)[0].token_ids == ours[0].token_ids
     assert engine.pool.num_used_pages == 0
