@@ -35,14 +35,9 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer(
             "cos_sin_cache", rope_cos_sin_cache(head_dim, base, max_positions, scaling_factor), persistent=False
         )
-        self.use_triton = False  # ModelRunner turns this on for the CUDA backend
+        self.use_triton = False  # InferenceEngine turns this on for the Triton backend (see norm_and_rotate)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.use_triton and q.is_cuda:
-            from sfllm_core.kernels.rope import rope_inplace
-
-            rope_inplace(q, k, positions, self.cos_sin_cache)
-            return q, k
         return (
             apply_rope_reference(q, positions, self.cos_sin_cache),
             apply_rope_reference(k, positions, self.cos_sin_cache),
