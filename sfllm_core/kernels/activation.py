@@ -4,12 +4,19 @@ import torch
 import triton
 import triton.language as tl
 
+from sfllm_core.kernels.pdl import pdl_launch
+
 
 @triton.jit
-def _act_and_mul_kernel(X, Out, stride_x, stride_o, n_cols, GELU: tl.constexpr, BLOCK: tl.constexpr):
+def _act_and_mul_kernel(
+    X, Out, stride_x, stride_o, n_cols, GELU: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_cols
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     dtype = Out.dtype.element_ty
     gate = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(X + row * stride_x + n_cols + offs, mask=mask, other=0.0).to(tl.float32)
@@ -36,7 +43,7 @@ def _act_and_mul(x: torch.Tensor, gelu: bool, out: torch.Tensor | None) -> torch
     if rows > 0:
         block = min(1024, triton.next_power_of_2(n))
         _act_and_mul_kernel[(rows, triton.cdiv(n, block))](
-            x2, out2, x2.stride(0), out2.stride(0), n, GELU=gelu, BLOCK=block, num_warps=4
+            x2, out2, x2.stride(0), out2.stride(0), n, GELU=gelu, BLOCK=block, num_warps=4, **pdl_launch(x.device)
         )
     return out
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sfllm_core.kernels.pdl import pdl_launch
+
 # Below this many tokens per split, the per-program setup and the merge outweigh the parallelism.
 # The kernel applies it to each sequence's actual length, so a split count sized for the longest
 # context a graph may see still gives short sequences few, full splits.
@@ -84,6 +86,7 @@ def _decode_stage1(
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -91,6 +94,11 @@ def _decode_stage1(
 
     seq_len = tl.load(SeqLens + seq)
     lo, hi, _ = _split_range(seq_len, window, split, num_splits, min_chunk, USE_WINDOW, BLOCK_N)
+    # seq_lens and the page table are step inputs, copied in before the step's first kernel: safe to
+    # read before the wait (pdl.py). q and this step's K/V come from the kernel just before.
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -152,11 +160,15 @@ def _decode_stage2(
     USE_WINDOW: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(SeqLens + seq)
     _, _, num_active = _split_range(seq_len, window, 0, num_splits, min_chunk, USE_WINDOW, BLOCK_N)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
     offs_d = tl.arange(0, HEAD_DIM)
     m_i = float("-inf")
@@ -284,6 +296,7 @@ def decode_attention(
         BLOCK_N=block_n,
         num_warps=num_warps,
         num_stages=num_stages,
+        **pdl_launch(q.device),
     )
     if num_splits > 1:
         _decode_stage2[(batch, num_heads)](
@@ -303,5 +316,6 @@ def decode_attention(
             HEAD_DIM=head_dim,
             BLOCK_N=block_n,
             num_warps=4,
+            **pdl_launch(q.device),
         )
     return out

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sfllm_core.kernels.pdl import pdl_launch
+
 _LOG2E = 1.4426950408889634
 
 
@@ -42,10 +44,14 @@ def _extend_kernel(
     BLOCK_R: tl.constexpr,
     TOKENS: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     block = tl.program_id(2)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
     q_start = tl.load(QueryStartLoc + seq)
     q_len = tl.load(QueryStartLoc + seq + 1) - q_start
@@ -174,6 +180,7 @@ def extend_attention(
         TOKENS=tokens,
         BLOCK_N=block_n,
         num_warps=num_warps,
+        **pdl_launch(q.device),
         num_stages=num_stages,
     )
     return out

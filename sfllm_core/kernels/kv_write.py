@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sfllm_core.kernels.pdl import pdl_launch
+
 
 @triton.jit
 def _kv_write_kernel(
@@ -24,8 +26,12 @@ def _kv_write_kernel(
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     slot = tl.load(Slots + token)
     # Padding rows of a captured batch carry slot -1: they own no cache memory.
     if slot < 0:
@@ -67,4 +73,5 @@ def kv_write(
         HEAD_DIM=head_dim,
         BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=4,
+        **pdl_launch(k.device),
     )

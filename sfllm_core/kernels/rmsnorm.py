@@ -4,6 +4,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sfllm_core.kernels.pdl import pdl_launch
+
 
 @triton.jit
 def _normalize(x, w, eps, n_cols, dtype, GEMMA: tl.constexpr):
@@ -14,6 +16,23 @@ def _normalize(x, w, eps, n_cols, dtype, GEMMA: tl.constexpr):
         # Qwen3 rounds the normalised row to the activation dtype before the weight multiplies it.
         out = w * (x * rstd).to(dtype).to(tl.float32)
     return out.to(dtype)
+
+
+@triton.jit
+def add_norm_row(
+    h, r, w, xw, eps, x_eps, n_cols, dtype, HAS_RESIDUAL: tl.constexpr, NORM_X: tl.constexpr, GEMMA: tl.constexpr
+):
+    """One row: (norm(h + r), h + r), h first normed by xw if NORM_X; r unused without HAS_RESIDUAL.
+
+    w and xw are float32; h and r in the activation dtype; both results in dtype.
+    """
+    x = h
+    if NORM_X:
+        x = _normalize(x.to(tl.float32), xw, x_eps, n_cols, dtype, GEMMA)
+    if HAS_RESIDUAL:
+        # The eager model adds in the activation dtype: round the sum before normalising it.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+    return _normalize(x.to(tl.float32), w, eps, n_cols, dtype, GEMMA), x
 
 
 @triton.jit
@@ -35,22 +54,27 @@ def _rmsnorm_kernel(
     NORM_X: tl.constexpr,
     GEMMA: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
     dtype = Out.dtype.element_ty
-    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
+    xw = w
     if NORM_X:
         xw = tl.load(XW + offs, mask=mask, other=0.0).to(tl.float32)
-        x = _normalize(x.to(tl.float32), xw, x_eps, n_cols, dtype, GEMMA)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
+    r = x
     if HAS_RESIDUAL:
         r = tl.load(Residual + row * stride_r + offs, mask=mask, other=0.0)
-        # The eager model adds in the activation dtype: round the sum before normalising it.
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
-        tl.store(ResidualOut + row * stride_ro + offs, x, mask=mask)
-    w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Out + row * stride_o + offs, _normalize(x.to(tl.float32), w, eps, n_cols, dtype, GEMMA), mask=mask)
+    out, new_residual = add_norm_row(x, r, w, xw, eps, x_eps, n_cols, dtype, HAS_RESIDUAL, NORM_X, GEMMA)
+    if HAS_RESIDUAL:
+        tl.store(ResidualOut + row * stride_ro + offs, new_residual, mask=mask)
+    tl.store(Out + row * stride_o + offs, out, mask=mask)
 
 
 def rmsnorm(
@@ -108,6 +132,7 @@ def rmsnorm(
             GEMMA=gemma,
             BLOCK=block,
             num_warps=4 if block <= 1024 else 8 if block <= 4096 else 16,
+            **pdl_launch(x.device),
         )
     if residual is None:
         return out

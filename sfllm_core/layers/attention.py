@@ -45,25 +45,42 @@ class BatchMetadata:
 class AttentionBackend(ABC):
     """Writes a layer's new K/V into the paged cache and attends over it.
 
-    Models call only `forward`; ModelRunner calls `prepare` once per step before the forward pass.
+    Models call `rotate_and_store` (per-head q/k norms, RoPE, K/V into the cache) and then `attend`;
+    `forward` is store plus attend for callers whose q and k are ready. ModelRunner calls `prepare`
+    once per step before the forward pass.
     """
 
     def prepare(self, meta: BatchMetadata) -> None:  # noqa: B027 (optional hook)
         """Per-step precomputation shared by all layers (default: nothing)."""
 
+    def store_kv(self, k, v, k_cache, v_cache, meta: BatchMetadata) -> None:
+        """Write the new tokens' keys and values to their cache slots."""
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def rotate_and_store(self, positions, q, k, v, q_norm, k_norm, rotary, k_cache, v_cache, meta) -> torch.Tensor:
+        """Norm and rotate q [T, Hq, D] and k per head, store k and v; returns the rotated q."""
+        from sfllm_core.layers.rotary import norm_and_rotate
+
+        q, k = norm_and_rotate(positions, q, k, q_norm, k_norm, rotary)
+        self.store_kv(k, v, k_cache, v_cache, meta)
+        return q
+
     @abstractmethod
-    def forward(
+    def attend(
         self,
         q: torch.Tensor,  # [T, num_heads, head_dim]
-        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
-        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
-        k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim]
+        k_cache: torch.Tensor,  # [num_slots, num_kv_heads, head_dim], this step's keys already stored
         v_cache: torch.Tensor,
         meta: BatchMetadata,
         scale: float,
         sliding_window: int | None,
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         ...
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window) -> torch.Tensor:
+        """store_kv, then attend."""
+        self.store_kv(k, v, k_cache, v_cache, meta)
+        return self.attend(q, k_cache, v_cache, meta, scale, sliding_window)
 
 
 def write_kv(
@@ -106,8 +123,7 @@ class TorchPagedAttention(AttentionBackend):
             meta.backend_state[key] = (index, valid[:, None, None, :])
         return meta.backend_state[key]
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window):
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    def attend(self, q, k_cache, v_cache, meta, scale, sliding_window):
         if "seq_slots" not in meta.backend_state:
             self.prepare(meta)
         seq_slots = meta.backend_state["seq_slots"]

@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfllm_core.layers.activation import GatedActivation
+from sfllm_core.layers.norms import RMSNorm
 
-# Where the GEMV kernel beats cuBLAS, measured on an H200: one row of input (batch-1 decode; at
-# 2 to 8 rows cuBLAS wins) and weights up to 32 MiB (cuBLAS picks poor kernels for small one-row
-# GEMMs, e.g. 11.6 vs 3.4 us for Qwen3-0.6B's o_proj, but streams 50 MB+ weights ~20% faster).
-GEMV_MAX_ROWS = 1
+# Where the GEMV kernel beats cuBLAS, measured on an H200 (bench/gemv.py, a whole model's layer
+# projections chained in a CUDA graph): up to 2 rows of input and weights up to 32 MiB. Qwen3-0.6B
+# layers: 14.9 us fused against 36.1 with cuBLAS at 1 row, 20.2 against 31.7 at 2, even at 4, cuBLAS
+# ahead at 8; Qwen3-8B's 50-200 MB weights stream faster through cuBLAS (114 against 122 us).
+GEMV_MAX_ROWS = 2
 GEMV_MAX_WEIGHT_BYTES = 32 << 20
 
 
@@ -40,6 +42,34 @@ class Linear(nn.Linear):
 
             return gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def forward_normed(
+        self, h: torch.Tensor, norm: RMSNorm, residual: torch.Tensor | None = None, h_norm: RMSNorm | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(norm(h + residual)), h + residual), as RMSNorm.add_norm; residual None: h is the stream.
+
+        On the GEMV path the norm runs inside the GEMV's kernel (kernels/gemv.py `gemv_normed`).
+        """
+        if self._gemv_fits(h) and h.shape[0] > 0 and norm.use_triton:
+            from sfllm_core.kernels.gemv import gemv_normed
+
+            assert h_norm is None or (residual is not None and h_norm.gemma == norm.gemma)
+            return gemv_normed(
+                h,
+                self.weight,
+                self.bias,
+                norm.weight,
+                norm.eps,
+                norm.gemma,
+                residual,
+                None if h_norm is None else h_norm.weight,
+                0.0 if h_norm is None else h_norm.eps,
+            )
+        if residual is None:
+            assert h_norm is None, "h_norm only applies before a residual add"
+            return self(norm(h)), h
+        x, residual = norm.add_norm(h, residual, h_norm)
+        return self(x), residual
 
     def forward_gated(self, gate_up: torch.Tensor, act: GatedActivation) -> torch.Tensor:
         """self(act(gate_up)); on the GEMV path the activation is computed inside the GEMV's loads."""

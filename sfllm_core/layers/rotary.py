@@ -35,7 +35,6 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer(
             "cos_sin_cache", rope_cos_sin_cache(head_dim, base, max_positions, scaling_factor), persistent=False
         )
-        self.use_triton = False  # InferenceEngine turns this on for the Triton backend (see norm_and_rotate)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return (
@@ -47,12 +46,6 @@ class RotaryEmbedding(torch.nn.Module):
 def norm_and_rotate(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm, rotary: RotaryEmbedding
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head RMSNorm of q [T, Hq, D] and k [T, Hk, D], then RoPE; on CUDA one in-place kernel."""
-    if rotary.use_triton and q.is_cuda:
-        from sfllm_core.kernels.qk_norm_rope import qk_norm_rope
-
-        qk_norm_rope(
-            q, k, positions, rotary.cos_sin_cache, q_norm.weight, k_norm.weight, q_norm.eps, k_norm.eps, q_norm.gemma
-        )
-        return q, k
+    """Per-head RMSNorm of q [T, Hq, D] and k [T, Hk, D], then RoPE (the reference; on CUDA the Triton
+    backend's rotate_and_store does this and the KV write in one kernel)."""
     return rotary(positions, q_norm(q), k_norm(k))

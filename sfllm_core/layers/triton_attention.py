@@ -7,6 +7,7 @@ import torch
 from sfllm_core.kernels.decode_attention import decode_attention, decode_num_splits
 from sfllm_core.kernels.extend_attention import extend_attention
 from sfllm_core.kernels.kv_write import kv_write
+from sfllm_core.kernels.qk_norm_rope import qk_norm_rope
 from sfllm_core.layers.attention import AttentionBackend, BatchMetadata
 
 
@@ -56,8 +57,29 @@ class TritonAttention(AttentionBackend):
             self._splits[key] = decode_num_splits(batch, num_kv_heads, context, device)
         return self._splits[key]
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale, sliding_window):
+    def store_kv(self, k, v, k_cache, v_cache, meta):
         kv_write(k, v, k_cache, v_cache, meta.slot_mapping)
+
+    def rotate_and_store(self, positions, q, k, v, q_norm, k_norm, rotary, k_cache, v_cache, meta):
+        # One kernel: q/k norms, RoPE, and the rotated k with v straight into their cache slots.
+        qk_norm_rope(
+            q,
+            k,
+            positions,
+            rotary.cos_sin_cache,
+            q_norm.weight,
+            k_norm.weight,
+            q_norm.eps,
+            k_norm.eps,
+            q_norm.gemma,
+            v,
+            k_cache,
+            v_cache,
+            meta.slot_mapping,
+        )
+        return q
+
+    def attend(self, q, k_cache, v_cache, meta, scale, sliding_window):
         if "triton" not in meta.backend_state:
             self.prepare(meta)
         views: _StepViews = meta.backend_state["triton"]

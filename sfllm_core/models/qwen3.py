@@ -6,7 +6,7 @@ from torch import nn
 from sfllm_core.layers.activation import SiluAndMul
 from sfllm_core.layers.linear import Linear, merge_linears, project
 from sfllm_core.layers.norms import RMSNorm
-from sfllm_core.layers.rotary import RotaryEmbedding, norm_and_rotate
+from sfllm_core.layers.rotary import RotaryEmbedding
 from sfllm_core.models.common import ForwardContext, rope_settings, sliding_windows
 
 
@@ -32,16 +32,20 @@ class Qwen3Attention(nn.Module):
         self.qkv_proj = merge_linears(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        n = x.shape[0]
+    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Attention from the fused q|k|v projection (the layer runs qkv_proj, its norm fused in)."""
+        n = qkv.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = norm_and_rotate(positions, q, k, self.q_norm, self.k_norm, self.rotary)
         k_cache, v_cache = ctx.kv_caches[self.layer_id]
-        o = ctx.backend.forward(q, k, v, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window)
+        backend = ctx.backend
+        q = backend.rotate_and_store(
+            positions, q, k, v, self.q_norm, self.k_norm, self.rotary, k_cache, v_cache, ctx.meta
+        )
+        o = backend.attend(q, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
 
 
@@ -57,8 +61,9 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = merge_linears(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj.forward_gated(self.gate_up_proj(x), self.act)
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """The MLP from the fused gate|up projection (the layer runs gate_up_proj, its norm fused in)."""
+        return self.down_proj.forward_gated(gate_up, self.act)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -76,12 +81,12 @@ class Qwen3DecoderLayer(nn.Module):
 
         Returns this layer's MLP output and the residual stream before it, so the next norm adds them.
         """
-        if residual is None:
-            x, residual = self.input_layernorm(h), h
-        else:
-            x, residual = self.input_layernorm.add_norm(h, residual)
-        x, residual = self.post_attention_layernorm.add_norm(self.self_attn(positions, x, ctx), residual)
-        return self.mlp(x), residual
+        attn, mlp = self.self_attn, self.mlp
+        qkv, residual = attn.qkv_proj.forward_normed(h, self.input_layernorm, residual)
+        gate_up, residual = mlp.gate_up_proj.forward_normed(
+            attn(positions, qkv, ctx), self.post_attention_layernorm, residual
+        )
+        return mlp(gate_up), residual
 
 
 class Qwen3Model(nn.Module):
