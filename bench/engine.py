@@ -162,6 +162,17 @@ def ours(name: str, config, parts: list[str], n_seqs: int, bw: float) -> dict:
             # The same decode step with no host work: replaying the captured graph back to back.
             graphs.graphs[1].replay()
             res["b_graph_only_ms"] = sync_time(lambda: [graphs.graphs[1].replay() for _ in range(100)]) * 10
+            if PROFILE_DIR:
+                # Kernel by kernel: where the GPU time of one batch-1 decode step goes.
+                activities = [torch.profiler.ProfilerActivity.CUDA]
+                with torch.profiler.profile(activities=activities) as prof:
+                    for _ in range(10):
+                        graphs.graphs[1].replay()
+                    torch.cuda.synchronize()
+                with open(f"{PROFILE_DIR}/{name}-b1-kernels.txt", "w") as f:
+                    f.write(
+                        prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
+                    )
     if "c" in parts:
         for batch in (64, 256):
             prompts = [torch.randint(0, 10000, (1024,)).tolist() for _ in range(batch)]
@@ -242,7 +253,9 @@ class _TokenClock:
 
 def peer(name: str, config, parts: list[str], n_seqs: int) -> dict:
     res: dict = {}
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
+    # Built on the GPU: random-initialising 8B parameters on the host takes minutes.
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
     gen = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     static = dict(cache_implementation="static", **gen)
 
@@ -257,8 +270,10 @@ def peer(name: str, config, parts: list[str], n_seqs: int) -> dict:
 
     if "b" in parts:
         res["b_ms_per_token"] = decode_ms(1, 128, 256)
+        print(name, "transformers (b)", res["b_ms_per_token"], flush=True)
     if "c" in parts:
         res["c64_step_ms"] = decode_ms(64, 1024, 32)
+        print(name, "transformers (c)", res["c64_step_ms"], flush=True)
     if "a" in parts:
         prompts, out_lens = workload(n_seqs)
         mean_out = sum(out_lens) // len(out_lens)
@@ -288,6 +303,7 @@ def main() -> None:
     parser.add_argument("--seqs", type=int, default=256, help="sequences in workload (a) for SFLLM")
     parser.add_argument("--peer-seqs", type=int, default=64, help="sequences in workload (a) for transformers")
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--no-ours", action="store_true", help="transformers only (its figures, no ratios)")
     parser.add_argument("--json", default="bench_engine.json")
     args = parser.parse_args()
 
@@ -302,7 +318,7 @@ def main() -> None:
     }
     for name in args.models:
         config = SHAPES[name]()
-        entry = {"sfllm": ours(name, config, args.parts, args.seqs, bw)}
+        entry = {"sfllm": {} if args.no_ours else ours(name, config, args.parts, args.seqs, bw)}
         print(name, "sfllm", entry["sfllm"], flush=True)
         if not args.no_peer:
             try:
@@ -335,9 +351,9 @@ def main() -> None:
     for name, entry in results["models"].items():
         s, p = entry["sfllm"], entry.get("transformers", {})
         for part, key, label, floor_key in rows:
-            if part not in args.parts or key not in s:
+            if part not in args.parts or (key not in s and key not in p):
                 continue
-            ours_v, peer_v = s[key], p.get(key)
+            ours_v, peer_v = s.get(key, float("nan")), p.get(key)
             higher_better = key.endswith("tok_s")
             speedup = (ours_v / peer_v if higher_better else peer_v / ours_v) if peer_v else None
             floor = s.get(floor_key) if floor_key else None
