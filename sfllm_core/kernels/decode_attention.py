@@ -206,14 +206,24 @@ def decode_num_splits(batch_size: int, num_kv_heads: int, max_context_length: in
     return max(1, min(wanted, useful, _MAX_SPLITS))
 
 
-def _launch_config(head_dim: int, num_programs: int, device: torch.device) -> tuple[int, int, int]:
+# Budget for stage 1's K and V tiles over its pipeline stages, counted as 2 * BLOCK_N * head_dim *
+# element size * stages; Triton's own shared-memory use measured at about 0.55 of this (an H200
+# allows 227 KB per block: float32 K/V at head dim 256 with 128-key blocks needed 280 KB).
+_TILE_BYTES = 288 << 10
+
+
+def _launch_config(head_dim: int, num_programs: int, device: torch.device, elem_size: int = 2) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of stage 1, from host constants only."""
     if device.type != "cuda":
         return 16, 4, 1  # the interpreter: small blocks so short test contexts still span several
     if num_programs < _num_sms(device):
         # Under one wave each program's chain of dependent loads is the critical path: fewer, larger blocks.
-        return 128, 4, 2
-    return (64, 4, 3) if head_dim <= 128 else (32, 4, 2)
+        block_n, num_warps, num_stages = 128, 4, 2
+    else:
+        block_n, num_warps, num_stages = (64, 4, 3) if head_dim <= 128 else (32, 4, 2)
+    while block_n > 16 and 2 * block_n * head_dim * elem_size * num_stages > _TILE_BYTES:
+        block_n //= 2
+    return block_n, num_warps, num_stages
 
 
 def decode_attention(
@@ -245,7 +255,9 @@ def decode_attention(
         return out
     group = num_heads // num_kv_heads
     block_h = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
-    block_n, num_warps, num_stages = _launch_config(head_dim, batch * num_kv_heads * num_splits, q.device)
+    block_n, num_warps, num_stages = _launch_config(
+        head_dim, batch * num_kv_heads * num_splits, q.device, k_cache.element_size()
+    )
     if min_split_tokens is None:
         min_split_tokens = _MIN_SPLIT_TOKENS if q.is_cuda else block_n
     min_chunk = triton.cdiv(min_split_tokens, block_n) * block_n

@@ -71,7 +71,7 @@ def test_gemma270m_triton_graphs_against_torch_path(dtype):
         "<bos>def fibonacci(n):",
         "<bos>The three primary colors are",
     ]
-    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2)
     ours = fast.generate(prompts, params)
     ref = plain.generate(prompts, params)
     for a, b in zip(ours, ref):
@@ -79,8 +79,13 @@ def test_gemma270m_triton_graphs_against_torch_path(dtype):
         print(f"{dtype}: agree on {agree}/32 tokens: {a.text!r}")
         if dtype == "float32":
             assert a.token_ids == b.token_ids
-        else:
-            assert agree >= 16, f"parted at token {agree}: {a.text!r} vs {b.text!r}"
+        elif agree < 16:
+            # bf16 sums in a different order on the two paths; they may part only where the
+            # reference's top two candidates are within one bf16 step of the logits (0.125 for
+            # logits between 16 and 32; seen on an H200: an exact tie, and one step apart).
+            (first, lp1), (second, lp2) = b.logprobs[agree].top
+            print(f"  parted at {agree}: reference top-2 logprobs {lp1:.4f} vs {lp2:.4f}; ours {a.logprobs[agree].top}")
+            assert a.token_ids[agree] in (first, second) and lp1 - lp2 <= 0.126, f"parted at token {agree}"
 
 
 @pytest.mark.parametrize("which", ["qwen3", "gemma3"])

@@ -213,3 +213,33 @@ def test_decode_full_shapes_on_gpu(
         device,
         seed=batch,
     )
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("head_dim", [128, 256])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_decode_float32_cache_fits_shared_memory_on_gpu(
+    make_paged_batch, reference_attention, poisoned_like, head_dim, batch
+):
+    # float32 engines (the bit-exact comparisons) double the K/V tile bytes: at head dim 256 the
+    # few-program config once asked for 280 KB of shared memory and failed to launch.
+    device = torch.device("cuda")
+    seq_lens = [700 + 37 * i for i in range(batch)]
+    num_splits = decode_num_splits(batch, 1, 4096, device)
+    _check(
+        make_paged_batch,
+        reference_attention,
+        poisoned_like,
+        seq_lens,
+        4,
+        1,
+        head_dim,
+        16,
+        None,
+        num_splits,
+        torch.float32,
+        1e-4,
+        device,
+        seed=head_dim,
+    )
