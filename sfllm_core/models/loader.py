@@ -60,6 +60,9 @@ GEMMA_CHAT_TEMPLATE = (
 # Tokens that end a chat turn; generation stops on them as on eos.
 _END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>")
 
+# Plain English that any subword tokenizer encodes in far fewer ids than characters.
+_TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog because it is late in the afternoon"
+
 _SUPPORTED_MODEL_TYPES = ("qwen3", "gemma3_text", "gemma3")
 _GGUF_MAGIC = b"GGUF"
 
@@ -134,11 +137,13 @@ def load_tokenizer(path: str, cache_dir: str | None = None) -> transformers.PreT
     cache = _cache_dir(path, cache_dir)
     if (cache / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(cache)
+        _check_subword_tokenizer(tokenizer, path, cached_in=cache)
         _ensure_chat_template(tokenizer)
         return tokenizer
     logger.info("converting the tokenizer of %s (once; cached in %s)", path, cache)
     gguf = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    _check_subword_tokenizer(tokenizer, path)
     # Cached as the file gives it: a chat template this module supplies is added after loading,
     # so a cache never keeps an outdated copy of it.
     try:
@@ -415,6 +420,27 @@ def _write_safetensors(
             if (name, tuple(tensor.shape)) != next(expected, None):
                 raise UnsupportedModelError(f"{source}: tensor {name} {tuple(tensor.shape)} is not where expected")
             out.write(tensor.numpy().data)
+
+
+def _check_subword_tokenizer(
+    tokenizer: transformers.PreTrainedTokenizerBase, path: str, cached_in: Path | None = None
+) -> None:
+    """Refuses a GGUF tokenizer converted into single characters, which makes the model produce garbage.
+
+    transformers 5.17 converts the Gemma 3 270M GGUF's tokenizer that way; 5.24 converts it correctly.
+    A subword tokenizer gives ~16 ids for the probe sentence, a character-level one ~80.
+    """
+    num_ids = len(tokenizer.encode(_TOKENIZER_PROBE, add_special_tokens=False))
+    if num_ids <= len(_TOKENIZER_PROBE) // 2:
+        return
+    found = f"its tokenizer cached in {cached_in}" if cached_in else "its tokenizer as converted"
+    remedy = f"delete {cached_in} and load it again with" if cached_in else "install"
+    raise UnsupportedModelError(
+        f"{path}: {found} splits text into characters ({num_ids} ids for {len(_TOKENIZER_PROBE)} characters "
+        f"of plain English; transformers {transformers.__version__}), so the model would produce garbage. "
+        "Measured on the Gemma 3 270M GGUF: transformers 5.17 converts it this way, 5.24 correctly; "
+        f"{remedy} transformers >= 5.24"
+    )
 
 
 def _ensure_chat_template(tokenizer: transformers.PreTrainedTokenizerBase) -> None:

@@ -383,6 +383,7 @@ def test_real_gemma_generates_sensible_text(gemma270m_path):
 def test_real_gemma_tokenizer_and_eos(gemma270m_path):
     tokenizer = load_tokenizer(gemma270m_path)
     assert tokenizer.chat_template == loader.GEMMA_CHAT_TEMPLATE
+    assert len(tokenizer.encode(loader._TOKENIZER_PROBE, add_special_tokens=False)) == 16  # subword, not characters
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     ids = ids["input_ids"] if isinstance(ids, dict | transformers.BatchEncoding) else ids
     assert ids[:2] == [2, 105] and ids[-3:] == [105, 4368, 107]  # <bos><start_of_turn> ... "model\n"
