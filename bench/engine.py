@@ -272,8 +272,9 @@ def peer(name: str, config, parts: list[str], n_seqs: int) -> dict:
         res["b_ms_per_token"] = decode_ms(1, 128, 256)
         print(name, "transformers (b)", res["b_ms_per_token"], flush=True)
     if "c" in parts:
-        res["c64_step_ms"] = decode_ms(64, 1024, 32)
-        print(name, "transformers (c)", res["c64_step_ms"], flush=True)
+        for batch in (64, 256):
+            res[f"c{batch}_step_ms"] = decode_ms(batch, 1024, 32)
+            print(name, f"transformers (c) batch {batch}", res[f"c{batch}_step_ms"], flush=True)
     if "a" in parts:
         prompts, out_lens = workload(n_seqs)
         mean_out = sum(out_lens) // len(out_lens)

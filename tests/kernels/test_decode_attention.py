@@ -239,7 +239,7 @@ def test_decode_float32_cache_fits_shared_memory_on_gpu(
         None,
         num_splits,
         torch.float32,
-        1e-4,
+        2e-3,  # tl.dot takes float32 operands as TF32 on the GPU (10-bit mantissa)
         device,
         seed=head_dim,
     )
