@@ -90,6 +90,7 @@ class InferenceEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._pending: _PendingStep | None = None
+        self.num_overlapped_steps = 0  # decode steps launched before the previous one was read
         self._token_buffers: list[torch.Tensor] = []  # page-locked, for reading sampled ids back
         logger.info(
             "engine ready: model=%s device=%s dtype=%s context=%d kv_pages=%d page_size=%d load_s=%.1f",
@@ -301,6 +302,13 @@ class InferenceEngine:
             # Alternate buffers: the other one may still be read by the step being resolved below.
             host = self._token_buffers[0 if pending is None or pending.host is self._token_buffers[1] else 1]
             host[: len(batch.seqs)].copy_(tokens, non_blocking=True)
+            # Logprobs ride along: gathered on the device, copied with the ids, read one step late.
+            found = self.sampler.gather_logprobs(logits, batch.seqs, tokens)
+            if found is not None:
+                # Into page-locked memory: a copy to pageable memory would wait for the step to end.
+                found = tuple(
+                    torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in found
+                )
             ready = torch.cuda.Event()
             ready.record()
         except Exception as exc:
@@ -310,19 +318,23 @@ class InferenceEngine:
         for seq in batch.seqs:
             positions.append(seq.num_tokens)
             seq.token_ids.append(PENDING_TOKEN)
-        self._pending = _PendingStep(batch.seqs, positions, tokens, host, ready)
+        self._pending = _PendingStep(batch.seqs, positions, tokens, host, ready, found)
+        self.num_overlapped_steps += 1
         return self._resolve(pending) if pending is not None else []
 
     def _resolve(self, pending: "_PendingStep") -> list[StepOutput]:
         """Read a launched step's sampled ids and settle its sequences."""
         pending.ready.synchronize()
         tokens = pending.host[: len(pending.seqs)].tolist()
+        logprobs = [None] * len(tokens)
+        if pending.logprobs is not None:
+            logprobs = self.sampler.build_logprobs(pending.seqs, tokens, *(t.tolist() for t in pending.logprobs))
         outputs = []
-        for seq, position, token in zip(pending.seqs, pending.positions, tokens):
+        for seq, position, token, logprob in zip(pending.seqs, pending.positions, tokens, logprobs):
             if seq.is_finished:  # aborted, or ended by the step before
                 continue
             seq.token_ids[position] = token
-            outputs.append(self._accept_token(seq, position, None))
+            outputs.append(self._accept_token(seq, position, logprob))
         return outputs
 
     def _fail(self, seqs, exc: Exception) -> list[StepOutput]:
@@ -486,6 +498,7 @@ class _PendingStep:
     tokens: torch.Tensor  # the sampled ids, on the device
     host: torch.Tensor  # page-locked copy target of `tokens`
     ready: "torch.cuda.Event"  # recorded after the copy
+    logprobs: tuple[torch.Tensor, ...] | None  # Sampler.gather_logprobs' results, copied to the host
 
 
 def _served_name(requested: str | None, path: str | None) -> str:

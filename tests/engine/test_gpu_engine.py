@@ -104,7 +104,23 @@ def test_overlapped_decode_stops_where_the_plain_path_stops(which, qwen3_path, g
     got, want = fast.generate(prompts, params), plain.generate(prompts, params)
     assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in want]
     assert fast.pool.num_used_pages == 0 and not fast.has_work()
-    # Requests sampled with logprobs or penalties fall back to synchronous steps, mixed with others.
-    mixed = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=i % 3 == 0) for i in range(8)]
-    assert [o.token_ids for o in fast.generate(prompts, mixed)] == [o.token_ids for o in plain.generate(prompts, mixed)]
+    # Logprobs ride along with overlapped steps; penalties fall back to synchronous steps.
+    mixed = [
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=i % 3 == 0, top_logprobs=i % 4)
+        for i in range(8)
+    ]
+    before = fast.num_overlapped_steps
+    got, want = fast.generate(prompts, mixed), plain.generate(prompts, mixed)
+    assert fast.num_overlapped_steps > before
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for a, b in zip(got, want):
+        assert (a.logprobs is None) == (b.logprobs is None)
+        for x, y in zip(a.logprobs or [], b.logprobs or []):
+            # float32, but attention's tl.dot runs TF32: logprobs agree to ~3e-4.
+            assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 2e-3
+            assert [t for t, _ in x.top] == [t for t, _ in y.top] and len(x.top) == len(y.top)
+    penalized = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3)] * 8
+    assert [o.token_ids for o in fast.generate(prompts, penalized)] == [
+        o.token_ids for o in plain.generate(prompts, penalized)
+    ]
     assert fast.pool.num_used_pages == 0

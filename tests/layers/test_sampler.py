@@ -1,5 +1,6 @@
 """Sampler behaviour on hand-made logits."""
 
+import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
@@ -83,3 +84,15 @@ def test_logprobs_are_the_raw_distribution():
     assert logprobs[1] is None
     assert abs(logprobs[0].logprob - expected[tokens[0]].item()) < 1e-6
     assert [t for t, _ in logprobs[0].top] == expected.topk(3).indices.tolist()
+
+
+@pytest.mark.parametrize("vocab,k", [(151936, 5), (1024, 20), (1000, 3), (256, 3)])
+def test_two_stage_topk_matches_torch_topk(vocab, k):
+    from sfllm_core.layers.sampler import _topk
+
+    gen = torch.Generator().manual_seed(vocab)
+    # A permutation of distinct values: no ties, so the order is unique.
+    x = torch.stack([torch.randperm(vocab, generator=gen).float() for _ in range(3)])
+    values, ids = _topk(x, k)
+    want_values, want_ids = x.topk(k, dim=-1)
+    assert torch.equal(values, want_values) and torch.equal(ids, want_ids)
