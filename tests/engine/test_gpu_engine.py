@@ -119,8 +119,16 @@ def test_overlapped_decode_stops_where_the_plain_path_stops(which, qwen3_path, g
             # float32, but attention's tl.dot runs TF32: logprobs agree to ~3e-4.
             assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 2e-3
             assert [t for t, _ in x.top] == [t for t, _ in y.top] and len(x.top) == len(y.top)
-    penalized = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3)] * 8
-    assert [o.token_ids for o in fast.generate(prompts, penalized)] == [
-        o.token_ids for o in plain.generate(prompts, penalized)
+    # Penalties read the token history, so their steps run synchronously (overlapping them measured
+    # no faster: the host's per-step penalty work is longer than the GPU step).
+    penalized = [
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=1.3)
+        if i % 2
+        else SamplingParams(
+            max_tokens=12, temperature=0.0, ignore_eos=True, presence_penalty=1.5, frequency_penalty=1.0
+        )
+        for i in range(8)
     ]
+    got = fast.generate(prompts, penalized)
+    assert [o.token_ids for o in got] == [o.token_ids for o in plain.generate(prompts, penalized)]
     assert fast.pool.num_used_pages == 0
