@@ -25,6 +25,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048  # per-step token budget (chunked prefill)
     max_waiting: int = 1024  # queue bound; past it add_request raises QueueFullError
     enable_prefix_caching: bool = True
+    # Sliding-window layers keep only their window of K/V (in a pool of their own). Off: every
+    # layer keeps the whole context, as full-attention layers do.
+    sliding_window_kv: bool = True
     attention_backend: str = "auto"  # auto | torch | triton
     cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256

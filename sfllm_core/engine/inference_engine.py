@@ -1,6 +1,7 @@
 """InferenceEngine: requests in, tokens out; offline `generate`, asyncio `stream`, thread-safe `abort`."""
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -14,11 +15,11 @@ from sfllm_core.config import EngineConfig
 from sfllm_core.engine.memory_pool import MemoryPool
 from sfllm_core.engine.model_runner import ModelRunner
 from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence, SequenceStatus
-from sfllm_core.engine.scheduler import ScheduledBatch, Scheduler
+from sfllm_core.engine.scheduler import ScheduledBatch, Scheduler, window_pages_per_seq
 from sfllm_core.errors import ContextLengthError, InvalidRequestError, QueueFullError
 from sfllm_core.layers.attention import AttentionBackend, TorchPagedAttention
 from sfllm_core.layers.sampler import Sampler
-from sfllm_core.models.common import assign_weights
+from sfllm_core.models.common import assign_weights, sliding_windows
 from sfllm_core.models.loader import (
     default_eos_token_ids,
     load_model_config,
@@ -124,8 +125,24 @@ class InferenceEngine:
     def _build_pool(self) -> MemoryPool:
         cfg, mc = self.config, self.model_config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-        per_token = MemoryPool.bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, head_dim, self.dtype)
+        windows = sliding_windows(mc)
+        window_layers = frozenset(i for i, w in enumerate(windows) if w is not None)
+        window = next((w for w in windows if w is not None), None)
+        # A window group needs one window size and at least one full layer to keep the page table.
+        if (
+            not cfg.sliding_window_kv
+            or len({w for w in windows if w is not None}) != 1
+            or len(window_layers) == len(windows)
+        ):
+            window_layers, window = frozenset(), None
+        bytes_per_token = functools.partial(
+            MemoryPool.bytes_per_token, num_kv_heads=mc.num_key_value_heads, head_dim=head_dim, dtype=self.dtype
+        )
+        full_bpt = bytes_per_token(mc.num_hidden_layers - len(window_layers))
+        window_bpt = bytes_per_token(len(window_layers))
         pages_per_seq = -(-self.max_context_length // cfg.page_size)
+        # Window pages for max_num_seqs sequences each at its most (a window plus a chunk) suffice.
+        window_cap = cfg.max_num_seqs * window_pages_per_seq(window, cfg.page_size) if window else 0
         if cfg.num_pages is not None:
             num_pages = cfg.num_pages
         else:
@@ -136,7 +153,9 @@ class InferenceEngine:
                 budget = free * 0.8
             else:
                 budget = 1e9
-            num_pages = int(budget // (per_token * cfg.page_size))
+            num_pages = int(budget // ((full_bpt + window_bpt) * cfg.page_size))
+            if window and window_cap < num_pages:
+                num_pages = int((budget - window_cap * cfg.page_size * window_bpt) // (full_bpt * cfg.page_size))
             # More than every slot full at full context is never useful.
             num_pages = min(num_pages, pages_per_seq * cfg.max_num_seqs)
         if num_pages < 1:
@@ -150,6 +169,11 @@ class InferenceEngine:
             self.dtype,
             self.device,
             cfg.enable_prefix_caching,
+            window=window,
+            window_layers=window_layers,
+            # As many as the full group has also always suffice: a sequence holds at most one
+            # companion per page.
+            num_window_pages=min(num_pages, window_cap),
         )
 
     def _build_backend(self) -> AttentionBackend:

@@ -1,4 +1,10 @@
-"""MemoryPool: the paged KV cache, its free list, and prefix sharing of whole pages."""
+"""MemoryPool: the paged KV cache, its free list, and prefix sharing of whole pages.
+
+Sliding-window layers (Gemma3's local layers) only ever read the last `window` keys, so they get
+a smaller pool of their own: each page a sequence holds has a *companion* page there, holding the
+window layers' K/V of the same tokens, until the sequence has moved a window past it. Companions
+of cached pages stay cached (and shared) like the pages themselves until evicted.
+"""
 
 from collections import OrderedDict
 
@@ -24,6 +30,9 @@ class MemoryPool:
         dtype: torch.dtype,
         device: torch.device,
         enable_prefix_caching: bool = True,
+        window: int | None = None,
+        window_layers: frozenset[int] = frozenset(),
+        num_window_pages: int = 0,
     ) -> None:
         self.num_pages = num_pages
         self.page_size = page_size
@@ -31,11 +40,22 @@ class MemoryPool:
         # One extra page at the end that is never handed out: padding rows of captured decode
         # graphs write their K/V there.
         self.scratch_page = num_pages
-        shape = ((num_pages + 1) * page_size, num_kv_heads, head_dim)
+        # The window group: layers in window_layers keep their K/V in companion pages.
+        self.window = window if window_layers and num_window_pages > 0 else None
+        self.num_window_pages = num_window_pages if self.window else 0
+        self.window_scratch_page = self.num_window_pages
+
+        def kv(pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+            shape = ((pages + 1) * page_size, num_kv_heads, head_dim)
+            return torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)
+
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(num_layers)
+            kv(self.num_window_pages if self.window and i in window_layers else num_pages) for i in range(num_layers)
         ]
+        self._w_refs = [0] * self.num_window_pages
+        self._w_free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(self.num_window_pages))
+        self._companion: dict[int, int] = {}  # page -> its companion
+        self._companion_of: dict[int, int] = {}  # companion -> its page
         self.ref_counts = [0] * num_pages
         self._free: OrderedDict[int, None] = OrderedDict((p, None) for p in range(num_pages))
         self._page_hash: dict[int, int] = {}
@@ -67,6 +87,8 @@ class MemoryPool:
         """Take n pages (caller checks num_free_pages first); evicts the oldest cached contents."""
         if n > len(self._free):
             raise RuntimeError(f"MemoryPool: asked for {n} pages, {len(self._free)} free")
+        if self.window and n > len(self._w_free):
+            raise RuntimeError(f"MemoryPool: asked for {n} window pages, {len(self._w_free)} free")
         pages = []
         for _ in range(n):
             page, _ = self._free.popitem(last=False)
@@ -75,15 +97,64 @@ class MemoryPool:
                 del self._hash_to_page[old]
             self.ref_counts[page] = 1
             pages.append(page)
+            if self.window:
+                self._forget_companion(page)
+                companion, _ = self._w_free.popitem(last=False)
+                if companion in self._companion_of:
+                    del self._companion[self._companion_of.pop(companion)]
+                self._w_refs[companion] = 1
+                self._companion[page] = companion
+                self._companion_of[companion] = page
         return pages
 
-    def free(self, pages: list[int]) -> None:
-        """Drop one reference to each page; unreferenced pages become reusable."""
+    def _forget_companion(self, page: int) -> None:
+        # The page's contents are being replaced: an old (unreferenced, cached) companion is plain free.
+        companion = self._companion.pop(page, None)
+        if companion is not None:
+            del self._companion_of[companion]
+
+    def free(self, pages: list[int], window_start: int = 0) -> None:
+        """Drop one reference to each page, and to the companions of pages[window_start:] (those
+        the holder still had); unreferenced pages become reusable."""
+        self.release_window(pages[window_start:])
         for page in pages:
             self.ref_counts[page] -= 1
             assert self.ref_counts[page] >= 0, f"page {page} freed twice"
             if self.ref_counts[page] == 0:
                 self._free[page] = None
+
+    # ---- the window group ---------------------------------------------------------------------
+
+    def window_start(self, num_computed: int) -> int:
+        """Index of the first page whose window K/V a sequence at num_computed tokens still needs.
+
+        Its next query sits at position num_computed and reads keys from num_computed - window + 1.
+        """
+        if not self.window:
+            return 0
+        return max(0, num_computed - self.window + 1) // self.page_size
+
+    def release_window(self, pages: list[int]) -> None:
+        """Drop the holder's reference to these pages' companions (it has moved past their window)."""
+        if not self.window:
+            return
+        for page in pages:
+            companion = self._companion[page]
+            self._w_refs[companion] -= 1
+            assert self._w_refs[companion] >= 0, f"window page {companion} released twice"
+            if self._w_refs[companion] == 0:
+                self._w_free[companion] = None
+
+    def window_page_row(self, pages: list[int], window_start: int) -> list[int]:
+        """The window layers' page table row: companions from window_start on, the scratch page before."""
+        return [self.window_scratch_page] * window_start + [self._companion[p] for p in pages[window_start:]]
+
+    def companions(self, pages: list[int]) -> list[int]:
+        return [self._companion[p] for p in pages]
+
+    @property
+    def num_used_window_pages(self) -> int:
+        return self.num_window_pages - len(self._w_free)
 
     def page_hash(self, parent: int, tokens: list[int]) -> int:
         """Hash of a full page, chained to the hash of the page before it (0 for the first)."""
@@ -105,6 +176,19 @@ class MemoryPool:
                 break
             pages.append(page)
             hashes.append(parent)
+        if self.window:
+            # Continuing after the match needs the window K/V just before it: cut the match back
+            # until the companions of its last window of pages are all still cached.
+            while pages and any(
+                p not in self._companion for p in pages[self.window_start(len(pages) * self.page_size) :]
+            ):
+                pages.pop()
+                hashes.pop()
+            for page in pages[self.window_start(len(pages) * self.page_size) :]:
+                companion = self._companion[page]
+                if self._w_refs[companion] == 0:
+                    del self._w_free[companion]
+                self._w_refs[companion] += 1
         for page in pages:
             if self.ref_counts[page] == 0:
                 del self._free[page]

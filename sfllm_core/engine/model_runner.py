@@ -7,6 +7,7 @@ the pool never hands out, and their logits are dropped. Larger batches and prefi
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
@@ -51,15 +52,21 @@ class _DecodeGraphs:
         # Page-locked host mirrors, filled in place each step (pinning memory per step costs more
         # than the whole replay of a small model). Two sets, used in turn: with overlapped steps
         # the copies out of one set may still be queued while the next step fills the other.
-        self.host_inputs = torch.zeros(2, 6, n, dtype=torch.int64, pin_memory=True)
+        self.host_inputs = torch.zeros(2, 7, n, dtype=torch.int64, pin_memory=True)
         self.host_table = torch.zeros(2, n, max_pages, dtype=torch.int32, pin_memory=True)
+        # The sliding-window layers' own page table and slots (MemoryPool's window group).
+        self.windowed = runner.pool.window is not None
+        if self.windowed:
+            self.window_slot_mapping = torch.zeros(n, dtype=torch.int64, device=dev)
+            self.window_page_table = torch.zeros(n, max_pages, dtype=torch.int32, device=dev)
+            self.host_window_table = torch.zeros(2, n, max_pages, dtype=torch.int32, pin_memory=True)
         self.turn = 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
     def meta(self, size: int, page_size: int, max_seq_len: int) -> BatchMetadata:
-        return BatchMetadata(
+        meta = BatchMetadata(
             positions=self.positions[:size],
             slot_mapping=self.slot_mapping[:size],
             query_start_loc=self.query_start_loc[: size + 1],
@@ -71,6 +78,14 @@ class _DecodeGraphs:
             max_query_len=1,
             max_seq_len=max_seq_len,
         )
+        if self.windowed:
+            meta.window = replace(
+                meta,
+                slot_mapping=self.window_slot_mapping[:size],
+                page_table=self.window_page_table[:size],
+                backend_state={},
+            )
+        return meta
 
 
 class ModelRunner:
@@ -109,12 +124,17 @@ class ModelRunner:
         logits_indices: list[int] = []
         max_pages = max(len(s.pages) for s in batch.seqs)
         page_table = [s.pages + [0] * (max_pages - len(s.pages)) for s in batch.seqs]
+        windowed = self.pool.window is not None
+        window_rows = [s.window_pages for s in batch.seqs] if windowed else []
+        window_slots: list[int] = []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
             input_ids += seq.token_ids[start : start + n]
             for pos in range(start, start + n):
                 positions.append(pos)
                 slots.append(seq.pages[pos // page_size] * page_size + pos % page_size)
+                if windowed:
+                    window_slots.append(window_rows[row][pos // page_size] * page_size + pos % page_size)
             query_start.append(query_start[-1] + n)
             seq_lens.append(start + n)
             query_lens.append(n)
@@ -141,6 +161,14 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
             query_lens_cpu=query_lens,
         )
+        if windowed:
+            window_table = [r + [0] * (max_pages - len(r)) for r in window_rows]
+            meta.window = replace(
+                meta,
+                page_table=tensor(window_table, torch.int32).view(len(batch.seqs), max_pages),
+                slot_mapping=tensor(window_slots, torch.int64),
+                backend_state={},
+            )
         return tensor(input_ids, torch.int64), meta, sample_rows
 
     # ---- execution ----------------------------------------------------------------------------
@@ -161,6 +189,8 @@ class ModelRunner:
             return self._replay(batch, pending_tokens, pending_rows), list(range(len(batch.seqs)))
         input_ids, meta, sample_rows = self.prepare(batch)
         self.backend.prepare(meta)
+        if meta.window is not None:
+            self.backend.prepare(meta.window)
         ctx = ForwardContext(self.backend, meta, self.pool.kv_caches)
         hidden = self.model(input_ids, meta.positions, ctx)
         if not sample_rows:
@@ -187,6 +217,11 @@ class ModelRunner:
         g.turn ^= 1
         host_inputs, host_table = g.host_inputs[g.turn], g.host_table[g.turn]
         inputs, table = host_inputs.numpy(), host_table.numpy()
+        pool = self.pool
+        if g.windowed:
+            host_window_table = g.host_window_table[g.turn]
+            window_table = host_window_table.numpy()
+            window_scratch = pool.window_scratch_page
         any_pending = False
         for i, seq in enumerate(batch.seqs):
             p = seq.num_computed_tokens
@@ -202,8 +237,18 @@ class ModelRunner:
             pages = seq.pages
             table[i, : len(pages)] = pages
             table[i, len(pages) :] = scratch
-        inputs[:, b:size] = ((0,), (0,), (scratch * page_size,), (1,), (0,), (0,))
+            if g.windowed:
+                row = seq.window_pages
+                inputs[6, i] = row[p // page_size] * page_size + p % page_size
+                window_table[i, : len(row)] = row
+                window_table[i, len(row) :] = window_scratch
+        inputs[:6, b:size] = ((0,), (0,), (scratch * page_size,), (1,), (0,), (0,))
         table[b:size] = scratch
+        if g.windowed:
+            inputs[6, b:size] = window_scratch * page_size
+            window_table[b:size] = window_scratch
+            g.window_slot_mapping[:size].copy_(host_inputs[6, :size], non_blocking=True)
+            g.window_page_table[:size].copy_(host_window_table[:size], non_blocking=True)
         host = host_inputs[:, :size]
         g.input_ids[:size].copy_(host[0], non_blocking=True)
         g.positions[:size].copy_(host[1], non_blocking=True)
@@ -226,11 +271,16 @@ class ModelRunner:
         scratch = self.pool.scratch_page
         g.page_table.fill_(scratch)
         g.slot_mapping.fill_(scratch * self.pool.page_size)
+        if g.windowed:
+            g.window_page_table.fill_(self.pool.window_scratch_page)
+            g.window_slot_mapping.fill_(self.pool.window_scratch_page * self.pool.page_size)
         for size in reversed(g.sizes):
             meta = g.meta(size, self.pool.page_size, self.max_context_length)
 
             def run(meta=meta, size=size) -> torch.Tensor:
                 self.backend.prepare(meta)
+                if meta.window is not None:
+                    self.backend.prepare(meta.window)
                 ctx = ForwardContext(self.backend, meta, self.pool.kv_caches)
                 hidden = self.model(g.input_ids[:size], meta.positions, ctx)
                 return self.model.compute_logits(hidden)

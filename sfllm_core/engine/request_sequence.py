@@ -34,6 +34,9 @@ class RequestSequence:
         self.status = SequenceStatus.WAITING
         self.pages: list[int] = []
         self.page_hashes: list[int] = []  # prefix-cache hashes of this sequence's full, computed pages
+        self.window_start = 0  # pages before this one no longer hold window K/V (see MemoryPool)
+        # The window layers' page table row, kept in step with pages (MemoryPool.window_page_row).
+        self.window_pages: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.num_emitted = 0  # output tokens already handed out as StepOutputs

@@ -7,6 +7,16 @@ from sfllm_core.engine.memory_pool import MemoryPool
 from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence, SequenceStatus
 
 
+def window_chunk_tokens(window: int) -> int:
+    """The most new tokens one sequence feeds in a step when the pool has a window group."""
+    return max(2 * window, 512)
+
+
+def window_pages_per_seq(window: int, page_size: int) -> int:
+    """Companions one sequence can hold at once: a window of keys plus one chunk, page-misaligned."""
+    return -(-(window + window_chunk_tokens(window) - 1) // page_size) + 1
+
+
 @dataclass
 class ScheduledBatch:
     """One step's work: sequences and how many new tokens each feeds (single-token ones first)."""
@@ -41,6 +51,9 @@ class Scheduler:
         self.waiting: deque[RequestSequence] = deque()
         self.running: list[RequestSequence] = []
         self.num_preemptions = 0
+        # With a window group each sequence holds at most the companions of a window plus one
+        # chunk; the engine sizes the window pool for max_num_seqs of those (see InferenceEngine).
+        self.chunk_limit = window_chunk_tokens(pool.window) if pool.window else max_num_batched_tokens
 
     def add(self, seq: RequestSequence) -> None:
         self.waiting.append(seq)
@@ -57,10 +70,16 @@ class Scheduler:
         total = seq.num_computed_tokens + num_new
         return max(0, -(-total // self.pool.page_size) - len(seq.pages))
 
+    def _add_pages(self, seq: RequestSequence, n: int) -> None:
+        pages = self.pool.allocate(n)
+        seq.pages += pages
+        if self.pool.window:
+            seq.window_pages += self.pool.companions(pages)
+
     def _preempt(self, seq: RequestSequence) -> None:
         self.running.remove(seq)
-        self.pool.free(seq.pages)
-        seq.pages, seq.page_hashes = [], []
+        self.pool.free(seq.pages, seq.window_start)
+        seq.pages, seq.page_hashes, seq.window_start, seq.window_pages = [], [], 0, []
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -77,7 +96,7 @@ class Scheduler:
                 continue
             if self._complete(seq):  # its last token is sampled, only not read back yet
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self.chunk_limit)
             need = self._pages_needed(seq, num_new)
             while need > self.pool.num_free_pages:
                 victim = next(s for s in reversed(self.running) if id(s) not in scheduled)
@@ -86,7 +105,7 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            seq.pages += self.pool.allocate(need)
+            self._add_pages(seq, need)
             target = singles if num_new == 1 else chunks
             target.seqs.append(seq)
             target.num_new_tokens.append(num_new)
@@ -98,14 +117,17 @@ class Scheduler:
             if not seq.pages:
                 seq.pages, seq.page_hashes = self.pool.match_prefix(seq.token_ids)
                 seq.num_computed_tokens = len(seq.pages) * self.pool.page_size
+                seq.window_start = self.pool.window_start(seq.num_computed_tokens)
+                if self.pool.window:
+                    seq.window_pages = self.pool.window_page_row(seq.pages, seq.window_start)
                 if not seq.admitted:
                     seq.num_cached_tokens = seq.num_computed_tokens
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self.chunk_limit)
             need = self._pages_needed(seq, num_new)
             if need > self.pool.num_free_pages:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
-            seq.pages += self.pool.allocate(need)
+            self._add_pages(seq, need)
             seq.admitted = True
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -121,6 +143,13 @@ class Scheduler:
         page_size = self.pool.page_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            start = self.pool.window_start(seq.num_computed_tokens)
+            if start > seq.window_start:
+                self.pool.release_window(seq.pages[seq.window_start : start])
+                seq.window_pages[seq.window_start : start] = [self.pool.window_scratch_page] * (
+                    start - seq.window_start
+                )
+                seq.window_start = start
             while len(seq.page_hashes) < seq.num_computed_tokens // page_size:
                 i = len(seq.page_hashes)
                 tokens = seq.token_ids[i * page_size : (i + 1) * page_size]
@@ -139,8 +168,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.pool.free(seq.pages)
-        seq.pages = []
+        self.pool.free(seq.pages, seq.window_start)
+        seq.pages, seq.window_start, seq.window_pages = [], 0, []
         while seq.token_ids and seq.token_ids[-1] == PENDING_TOKEN:
             seq.token_ids.pop()
         seq.status = SequenceStatus.FINISHED

@@ -36,6 +36,9 @@ class BatchMetadata:
     query_lens_cpu: list[int] = field(default_factory=list)
     # Per-step scratch an attention backend may fill in prepare() and reuse in every layer.
     backend_state: dict = field(default_factory=dict)
+    # The same batch for sliding-window layers when they keep their K/V in pages of their own
+    # (MemoryPool's window group): its own page_table and slot_mapping, all else shared.
+    window: "BatchMetadata | None" = None
 
     @property
     def num_seqs(self) -> int:

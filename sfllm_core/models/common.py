@@ -18,6 +18,10 @@ class ForwardContext:
     meta: BatchMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
 
+    def meta_for(self, sliding_window: int | None) -> BatchMetadata:
+        """The batch as a layer sees it: sliding-window layers may have their own pages (meta.window)."""
+        return self.meta if sliding_window is None or self.meta.window is None else self.meta.window
+
 
 def rope_settings(config, layer_type: str | None = None) -> tuple[float, float]:
     """(base, linear scaling factor) for a layer type, from transformers 5's rope_parameters."""

@@ -41,11 +41,9 @@ class Qwen3Attention(nn.Module):
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = ctx.kv_caches[self.layer_id]
-        backend = ctx.backend
-        q = backend.rotate_and_store(
-            positions, q, k, v, self.q_norm, self.k_norm, self.rotary, k_cache, v_cache, ctx.meta
-        )
-        o = backend.attend(q, k_cache, v_cache, ctx.meta, self.scale, self.sliding_window)
+        backend, meta = ctx.backend, ctx.meta_for(self.sliding_window)
+        q = backend.rotate_and_store(positions, q, k, v, self.q_norm, self.k_norm, self.rotary, k_cache, v_cache, meta)
+        o = backend.attend(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
 
 

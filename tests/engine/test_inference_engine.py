@@ -19,6 +19,7 @@ def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
 
 def _assert_clean(engine: InferenceEngine) -> None:
     assert engine.pool.num_used_pages == 0, "pages leaked"
+    assert engine.pool.num_used_window_pages == 0, "window pages leaked"
     assert not engine.scheduler.running and not engine.scheduler.waiting, "sequences left in a queue"
     assert not engine._seqs and not engine._inbox
 
@@ -205,3 +206,52 @@ def test_stream_yields_tokens_and_cancel_frees_pages(qwen3_path):
         _assert_clean(engine)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [dict(), dict(max_num_batched_tokens=3), dict(num_pages=24)],
+    ids=["batched", "chunked-prefill", "preemption"],
+)
+def test_sliding_window_layers_keeping_only_the_window_change_no_token(gemma3_path, setting):
+    """Gemma3's local layers (window 8) in their own pool, pages released a window behind, vs whole-context KV."""
+    whole = InferenceEngine(model_path=str(gemma3_path), dtype="float32", page_size=4, sliding_window_kv=False)
+    assert whole.pool.window is None
+    engine = InferenceEngine(model_path=str(gemma3_path), dtype="float32", page_size=4, **setting)
+    assert engine.pool.window == 8 and engine.pool.num_window_pages > 0
+    prompts = _prompts(engine.vocab_size, [19, 5, 33, 12, 1, 27, 8, 40])
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in whole.generate(prompts, params)]
+    assert [o.token_ids for o in engine.generate(prompts, params)] == expected
+    if "num_pages" in setting:
+        assert engine.scheduler.num_preemptions > 0
+    _assert_clean(engine)
+
+
+def test_sliding_window_pages_are_released_a_window_behind(gemma3_path):
+    engine = InferenceEngine(model_path=str(gemma3_path), dtype="float32", page_size=4)
+    engine.add_request("long", _prompts(engine.vocab_size, [40])[0], SamplingParams(max_tokens=20, ignore_eos=True))
+    engine.step()
+    seq = engine._seqs["long"]
+    while seq.num_computed_tokens < 50:
+        engine.step()
+    # 50+ tokens in 13+ pages; the next query reads keys from position 43 on: pages 10 and later.
+    assert seq.window_start == (seq.num_computed_tokens - 8 + 1) // 4
+    assert engine.pool.num_used_window_pages == len(seq.pages) - seq.window_start < engine.pool.num_used_pages
+    assert seq.window_pages == engine.pool.window_page_row(seq.pages, seq.window_start)
+    while engine.has_work():
+        engine.step()
+    _assert_clean(engine)
+
+
+def test_prefix_cache_shares_window_pages_too(gemma3_path):
+    engine = InferenceEngine(model_path=str(gemma3_path), dtype="float32", page_size=4)
+    shared = _prompts(engine.vocab_size, [24])[0]
+    first = engine.generate([shared + [7, 8]], GREEDY)[0]
+    engine.add_request("second", shared + [7, 8], GREEDY)
+    seq = engine._seqs.get("second") or engine._inbox[-1][1]
+    while engine.has_work():
+        engine.step()
+    assert seq.num_cached_tokens == 24  # the companions of the last window of cached pages survived
+    assert seq.output_token_ids == first.token_ids
+    _assert_clean(engine)

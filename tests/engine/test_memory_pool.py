@@ -59,3 +59,75 @@ def test_prefix_caching_off():
     pool.register_page(pages[0], 123)
     pool.free(pages)
     assert pool.match_prefix(list(range(9))) == ([], [])
+
+
+def _window_pool(num_pages=12, num_window_pages=6, page_size=4, window=8) -> MemoryPool:
+    # Layer 0 is a window layer, layer 1 a full one.
+    return MemoryPool(
+        num_pages,
+        page_size,
+        2,
+        1,
+        8,
+        torch.float32,
+        torch.device("cpu"),
+        True,
+        window=window,
+        window_layers=frozenset({0}),
+        num_window_pages=num_window_pages,
+    )
+
+
+def _register(pool: MemoryPool, pages: list[int], tokens: list[int]) -> None:
+    parent = 0
+    for i, page in enumerate(pages):
+        parent = pool.page_hash(parent, tokens[i * pool.page_size : (i + 1) * pool.page_size])
+        pool.register_page(page, parent)
+
+
+def test_window_layers_get_a_smaller_cache_and_companions_follow_their_pages():
+    pool = _window_pool()
+    assert pool.kv_caches[0][0].shape[0] == (6 + 1) * 4 and pool.kv_caches[1][0].shape[0] == (12 + 1) * 4
+    pages = pool.allocate(5)
+    assert pool.num_used_window_pages == 5
+    row = pool.window_page_row(pages, 0)
+    assert len(set(row)) == 5 and max(row) < 6
+    # At 17 computed tokens the next query reads keys from position 10 on: page 2 and later.
+    start = pool.window_start(17)
+    assert start == 2
+    pool.release_window(pages[:start])
+    assert pool.num_used_window_pages == 3
+    assert pool.window_page_row(pages, start)[:2] == [pool.window_scratch_page] * 2
+    with pytest.raises(AssertionError):
+        pool.release_window(pages[:1])  # released twice
+    pool.free(pages, start)
+    assert pool.num_used_pages == 0 and pool.num_used_window_pages == 0
+
+
+def test_window_allocation_fails_loudly_when_companions_run_out():
+    pool = _window_pool(num_pages=12, num_window_pages=3)
+    pool.allocate(3)
+    with pytest.raises(RuntimeError, match="window pages"):
+        pool.allocate(1)
+
+
+def test_prefix_match_needs_the_companions_of_its_last_window():
+    pool = _window_pool()
+    tokens = list(range(21))  # five full pages and one token
+    pages = pool.allocate(5)
+    _register(pool, pages, tokens)
+    pool.release_window(pages[:3])  # the sequence moved on: companions of pages 0-2 dropped
+    pool.free(pages, 3)
+    # A match of all five pages continues at position 20 and needs keys from 13 on: pages 3 and 4.
+    matched, _ = pool.match_prefix(tokens)
+    assert matched == pages and pool.num_used_window_pages == 2
+    pool.free(matched, pool.window_start(20))
+    assert pool.num_used_window_pages == 0
+    # Evict the companion of page 4 (the oldest free ones go first): the match shrinks to where
+    # the window before it is still whole.
+    taken = pool.allocate(6)
+    assert pages[4] not in taken
+    matched, _ = pool.match_prefix(tokens)
+    assert len(matched) < 5
+    start = pool.window_start(len(matched) * pool.page_size)
+    assert all(p in pool._companion for p in matched[start:])
