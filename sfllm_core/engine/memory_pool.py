@@ -69,6 +69,9 @@ class MemoryPool:
 
     @property
     def num_free_pages(self) -> int:
+        """Pages allocate() can hand out now: with a window group, also bounded by free companions."""
+        if self.window:
+            return min(len(self._free), len(self._w_free))
         return len(self._free)
 
     @property

@@ -52,7 +52,8 @@ class Scheduler:
         self.running: list[RequestSequence] = []
         self.num_preemptions = 0
         # With a window group each sequence holds at most the companions of a window plus one
-        # chunk; the engine sizes the window pool for max_num_seqs of those (see InferenceEngine).
+        # chunk; the engine sizes the window pool for max_num_seqs of those (see InferenceEngine),
+        # and num_free_pages counts free companions too, so admission and preemption cover both.
         self.chunk_limit = window_chunk_tokens(pool.window) if pool.window else max_num_batched_tokens
 
     def add(self, seq: RequestSequence) -> None:

@@ -106,7 +106,9 @@ def test_window_layers_get_a_smaller_cache_and_companions_follow_their_pages():
 
 def test_window_allocation_fails_loudly_when_companions_run_out():
     pool = _window_pool(num_pages=12, num_window_pages=3)
+    assert pool.num_free_pages == 3  # the scheduler sees the scarcer of the two
     pool.allocate(3)
+    assert pool.num_free_pages == 0 and pool.num_used_pages == 3
     with pytest.raises(RuntimeError, match="window pages"):
         pool.allocate(1)
 
