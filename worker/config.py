@@ -30,6 +30,7 @@ class WorkerConfig:
     num_pages: int | None = None
     kv_cache_memory_gb: float | None = None
     enable_prefix_caching: bool = True
+    sliding_window_kv: bool = True
     attention_backend: str = "auto"
     cuda_graphs: bool = True
     seed: int = 0
@@ -54,6 +55,7 @@ class WorkerConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_waiting=self.max_waiting,
             enable_prefix_caching=self.enable_prefix_caching,
+            sliding_window_kv=self.sliding_window_kv,
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
             seed=self.seed,
@@ -79,7 +81,7 @@ class WorkerConfig:
 
 
 _INT_OR_NONE = ("max_context_length", "num_pages")
-_BOOLS = ("enable_prefix_caching", "cuda_graphs")
+_BOOLS = ("enable_prefix_caching", "sliding_window_kv", "cuda_graphs")
 
 
 def _from_env(name: str, raw: str) -> object:
@@ -124,6 +126,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pages", type=int, help="KV cache pages (default: sized from --kv-cache-memory-gb)")
     p.add_argument("--kv-cache-memory-gb", type=float, help="KV cache memory (default: 1 on CPU, 90%% free on GPU)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_const", const=False)
+    p.add_argument(
+        "--no-sliding-window-kv",
+        dest="sliding_window_kv",
+        action="store_const",
+        const=False,
+        help="keep whole-context KV in sliding-window layers too (default: only their window)",
+    )
     p.add_argument("--attention-backend", choices=["auto", "torch", "triton"])
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False)
     p.add_argument("--seed", type=int, help="engine seed for unseeded sampling")
