@@ -1,6 +1,7 @@
 """Test harness: worker processes and an in-process gateway on loopback (used by conftest and the tests)."""
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -44,7 +45,8 @@ class WorkerProcess:
     def start(self) -> None:
         args = [sys.executable, "-m", "worker", "--model", str(self.model), "--host", "127.0.0.1"]
         args += ["--port", str(self.port), "--metrics-port", "0", "--dtype", "float32", "--device", "cpu"]
-        args += ["--log-level", "warning", *self.extra]
+        # Info: the one line per request, which tests read back (request_records).
+        args += ["--log-level", "info", *self.extra]
         log = open(self.log_path, "ab")  # noqa: SIM115 (the child owns it)
         self.proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         log.close()
@@ -60,6 +62,16 @@ class WorkerProcess:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"worker {self.target} not serving: {self.log_path.read_text()[-3000:]}")
                 time.sleep(0.1)
+
+    def request_records(self) -> list[dict]:
+        """The worker's per-request log records so far (JSON lines whose msg is "generate")."""
+        records = []
+        for line in self.log_path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                record = json.loads(line)
+                if isinstance(record, dict) and record.get("msg") == "generate":
+                    records.append(record)
+        return records
 
     def kill(self) -> None:
         """SIGKILL: the abrupt death of a worker (its sockets close, nothing drains)."""
