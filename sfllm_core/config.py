@@ -14,6 +14,8 @@ class EngineConfig:
     """Knobs of InferenceEngine. model_path None means the packaged Gemma 3 270M."""
 
     model_path: str | None = None
+    # "dummy": random weights of the checkpoint's shapes (config.json and tokenizer only), for benchmarks.
+    load_format: str = "auto"
     served_model_name: str | None = None  # default: the checkpoint folder or file name
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
     device: str = "auto"  # auto: cuda when available
@@ -50,6 +52,8 @@ class EngineConfig:
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)
+        if self.load_format not in ("auto", "dummy"):
+            raise InvalidRequestError(f"load_format must be auto or dummy; got {self.load_format!r}", "load_format")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise InvalidRequestError(
                 f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}", "attention_backend"

@@ -1,17 +1,21 @@
-"""What the engine hands back: per-step deltas for streaming, whole results for offline use."""
+"""What the engine hands back: per-step deltas for streaming, whole results for offline use.
 
-from dataclasses import dataclass, field
+StepOutput and TokenLogprob are msgspec structs: an engine process sends them as they are, one
+msgpack message per step (worker/messages.py), and building them is cheaper than a dataclass.
+"""
+
+from dataclasses import dataclass
+
+import msgspec
 
 
-@dataclass
-class TokenLogprob:
+class TokenLogprob(msgspec.Struct, array_like=True):
     token_id: int
     logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)  # (token_id, logprob), best first
+    top: list[tuple[int, float]] = msgspec.field(default_factory=list)  # (token_id, logprob), best first
 
 
-@dataclass
-class StepOutput:
+class StepOutput(msgspec.Struct, array_like=True):
     """New tokens of one request from one engine step; the last one has finished=True."""
 
     request_id: str

@@ -15,6 +15,7 @@ class WorkerConfig:
     """Everything `sfllm-worker` can be told; each field is also read from SFLLM_<FIELD_NAME_UPPER>."""
 
     model: str | None = None  # HF checkpoint folder or GGUF file; None: the packaged Gemma 3 270M
+    load_format: str = "auto"  # "dummy": random weights of the checkpoint's shapes (benchmarks)
     served_model_name: str | None = None  # default: the engine's model name
     host: str = "0.0.0.0"
     port: int = 50051  # 0: pick a free port
@@ -38,12 +39,18 @@ class WorkerConfig:
     max_stop_strings: int = 16
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight streams may run before they are aborted
     retry_after_ms: int = 1000  # the hint sent with RESOURCE_EXHAUSTED
+    # A completion's new tokens go out once this many have gathered (or it ends). 1: as soon as
+    # there is anything; a client that reads slowly then gets fewer, larger deltas either way.
+    stream_interval: int = 1
+    max_message_bytes: int = 16 * 1024 * 1024  # largest Generate request accepted (the gateway sends up to 8 MiB)
+    debug_step_delay_s: float = 0.0  # sleep before every engine step: tests and demos watch streams mid-way
     log_level: str = "info"
 
     def engine_config(self) -> EngineConfig:
         """The engine's part of this configuration."""
         return EngineConfig(
             model_path=self.model,
+            load_format=self.load_format,
             served_model_name=self.served_model_name,
             dtype=self.dtype,
             device=self.device,
@@ -94,7 +101,7 @@ def _from_env(name: str, raw: str) -> object:
         raise ValueError(f"expected a boolean, got {raw!r}")
     if name in _INT_OR_NONE:
         return int(raw)
-    if name == "kv_cache_memory_gb":
+    if name in ("kv_cache_memory_gb", "debug_step_delay_s"):
         return float(raw)
     if isinstance(default, str) or default is None:
         return raw
@@ -111,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     d = WorkerConfig
     p.add_argument("--model", help="HF checkpoint folder or .gguf file (default: the packaged Gemma 3 270M)")
+    p.add_argument("--load-format", choices=["auto", "dummy"], help="dummy: random weights (benchmarks)")
     p.add_argument("--served-model-name", help="name reported to clients (default: from the model)")
     p.add_argument("--host", help=f"gRPC bind address (default {d.host})")
     p.add_argument("--port", type=int, help=f"gRPC port (default {d.port}; 0 picks a free one)")
@@ -140,5 +148,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-stop-strings", type=int, help=f"most stop strings per request (default {d.max_stop_strings})")
     p.add_argument("--drain-timeout-s", type=float, help=f"SIGTERM drain limit (default {d.drain_timeout_s})")
     p.add_argument("--retry-after-ms", type=int, help="retry hint sent with RESOURCE_EXHAUSTED")
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        help=f"tokens gathered per streamed delta at least (default {d.stream_interval}: send at once)",
+    )
+    p.add_argument(
+        "--max-message-bytes", type=int, help=f"largest Generate request accepted (default {d.max_message_bytes})"
+    )
+    p.add_argument("--debug-step-delay-s", type=float, help=argparse.SUPPRESS)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return p

@@ -1,29 +1,31 @@
-"""WorkerService: the sfllm.v1.Worker methods, turning gRPC requests into engine streams and back."""
+"""WorkerService: the sfllm.v1.Worker methods, in the worker's front process.
+
+A Generate call is tokenized and validated here, sent to the engine process as one engine request
+per completion (EngineClient), and answered from the text the detokenizer process sends back.
+Responses are coalesced: each carries everything a completion produced since its last one, so a
+client that reads slowly gets fewer, larger deltas rather than a growing queue.
+"""
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
 from protos.sfllm.v1 import worker_pb2 as pb
 from protos.sfllm.v1 import worker_pb2_grpc
-from sfllm_core.errors import ContextLengthError, InvalidRequestError, QueueFullError
-from sfllm_core.outputs import StepOutput, TokenLogprob
+from sfllm_core.errors import ContextLengthError, InvalidRequestError
+from sfllm_core.models.loader import encode_prompt
 from sfllm_core.sampling_params import SamplingParams
 from worker.chat_template import apply_chat_template, has_chat_template
 from worker.config import WorkerConfig
-from worker.detokenizer import IncrementalDetokenizer
+from worker.engine_client import EngineClient
+from worker.messages import DetokParams, EngineInfo, Rejected, TextOutput
 from worker.metrics import WorkerMetrics
-from worker.stop_strings import StopStringMatcher
-
-if TYPE_CHECKING:
-    from sfllm_core.engine.inference_engine import InferenceEngine
 
 log = logging.getLogger("sfllm.worker")
 
@@ -46,132 +48,188 @@ class _Prepared:
 
     prompt_ids: list[int]
     params: list[SamplingParams]
-    stops: list[str]
-    skip_special_tokens: bool
-
-
-@dataclasses.dataclass
-class _InFlight:
-    """A Generate call the worker is serving: what Abort needs to reach its engine requests."""
-
-    engine_ids: list[str] = dataclasses.field(default_factory=list)
-    aborted: bool = False
+    detok: DetokParams
 
 
 class _Choice:
-    """One completion of a Generate call: detokenizes, applies stop strings and builds its responses."""
+    """One completion of a Generate call: what arrived for it and what has been sent."""
 
-    def __init__(
-        self,
-        index: int,
-        request_id: str,
-        engine_id: str,
-        tokenizer: Any,
-        prepared: _Prepared,
-        started_at: float,
-        metrics: WorkerMetrics,
-    ) -> None:
+    __slots__ = (
+        "index",
+        "engine_id",
+        "pending",
+        "pending_tokens",
+        "num_tokens",
+        "num_cached_tokens",
+        "seen",
+        "finished",
+        "sent_finish",
+        "ttft",
+        "last_token_at",
+        "finish_reason",
+    )
+
+    def __init__(self, index: int, engine_id: str) -> None:
         self.index = index
-        self.request_id = request_id
         self.engine_id = engine_id
-        self._tokenizer = tokenizer
-        self._detok = IncrementalDetokenizer(tokenizer, prepared.skip_special_tokens)
-        self._stop = StopStringMatcher(prepared.stops)
-        self._started_at = started_at
-        self._last_token_at: float | None = None
-        self._metrics = metrics
-        self.num_prompt_tokens = len(prepared.prompt_ids)
-        self.num_cached_tokens = 0
+        self.pending: list[TextOutput] = []
+        self.pending_tokens = 0
         self.num_tokens = 0
+        self.num_cached_tokens = 0
+        self.seen = False  # the engine has produced something for it (it was accepted)
+        self.finished: TextOutput | None = None
+        self.sent_finish = False
         self.ttft: float | None = None
+        self.last_token_at: float | None = None
         self.finish_reason: str | None = None
-        self.stream: AsyncIterator[StepOutput] | None = None
+
+
+class _Call:
+    """One Generate call's completions: engine outputs in (an OutputSink), gRPC responses out."""
+
+    def __init__(self, request_id: str, stream_interval: int, metrics: WorkerMetrics, started_at: float) -> None:
+        self.request_id = request_id
+        self.stream_interval = stream_interval
+        self.metrics = metrics
+        self.started_at = started_at
+        self.num_prompt_tokens = 0
+        self.choices: list[_Choice] = []
+        self.refusal: Rejected | None = None
+        self.abort_requested = False  # an Abort RPC came (maybe before the engine had the requests)
+        self._wake = asyncio.Event()
+
+    def start(self, num_prompt_tokens: int, n: int) -> None:
+        """Name the call's completions once its prompt is known: engine ids are request_id, or request_id#i."""
+        self.num_prompt_tokens = num_prompt_tokens
+        self.choices = [_Choice(i, self.request_id if n == 1 else f"{self.request_id}#{i}") for i in range(n)]
+
+    # -- OutputSink: called by EngineClient on the event loop --------------------------------------
+
+    def on_text(self, index: int, out: TextOutput) -> None:
+        choice = self.choices[index]
+        choice.seen = True
+        count = len(out.token_ids)
+        if count:
+            now = time.monotonic()
+            metrics = self.metrics
+            if choice.last_token_at is None:
+                choice.ttft = now - self.started_at
+                metrics.observe_first_token(choice.ttft)
+                gaps = count - 1  # tokens that came with the first arrived with it
+                gap = 0.0
+            else:
+                gaps, gap = count, (now - choice.last_token_at) / count
+            for _ in range(gaps):
+                metrics.observe_inter_token(gap)
+            choice.last_token_at = now
+            choice.num_tokens += count
+            choice.pending_tokens += count
+        choice.num_cached_tokens = max(choice.num_cached_tokens, out.num_cached_tokens)
+        choice.pending.append(out)
+        if out.finished:
+            choice.finished = out
+            choice.finish_reason = out.finish_reason
+            completion = choice.num_tokens + (1 if out.stop_token_id is not None else 0)
+            reason = out.finish_reason or "stop"
+            self.metrics.observe_finished(
+                reason, time.monotonic() - self.started_at, self.num_prompt_tokens, completion
+            )
+        self._wake.set()
+
+    def on_rejected(self, index: int, rejected: Rejected) -> None:
+        if self.refusal is None:
+            self.refusal = rejected
+        self._wake.set()
+
+    def on_failure(self, message: str) -> None:
+        if self.refusal is None and not self.accepted:
+            self.refusal = Rejected("", "failed", message)
+        for choice in self.choices:
+            if choice.finished is None:
+                self.on_text(choice.index, TextOutput(choice.engine_id, [], "", None, 0, True, "error", error=message))
+        self._wake.set()
+
+    # -- the Generate side -------------------------------------------------------------------------
+
+    @property
+    def accepted(self) -> bool:
+        return all(c.seen for c in self.choices)
 
     @property
     def done(self) -> bool:
-        return self.finish_reason is not None
+        return all(c.sent_finish for c in self.choices)
 
-    def _response(self, **event: Any) -> pb.GenerateResponse:
-        return pb.GenerateResponse(request_id=self.request_id, index=self.index, **event)
+    async def wait(self) -> None:
+        await self._wake.wait()
+        self._wake.clear()
 
-    def prompt_info(self) -> pb.GenerateResponse:
-        return self._response(prompt=pb.PromptInfo(num_prompt_tokens=self.num_prompt_tokens))
-
-    def on_output(self, out: StepOutput) -> list[pb.GenerateResponse]:
-        """Responses for one engine step: a delta with its new tokens, and the end if it came."""
-        self.num_cached_tokens = max(self.num_cached_tokens, out.num_cached_tokens)
-        token_ids: list[int] = []
-        text: list[str] = []
-        logprobs: list[pb.TokenLogprob] = []
-        for k, token_id in enumerate(out.token_ids):
-            token_ids.append(token_id)
-            if out.logprobs:
-                logprobs.append(self._logprob(out.logprobs[k]))
-            text.append(self._stop.push(self._detok.push(token_id)))
-            if self._stop.matched is not None:  # later tokens of this step belong after the stop: drop them
-                break
+    def responses(self) -> list[pb.GenerateResponse]:
+        """Everything ready to send: per completion one delta with all its new output, then its end."""
         responses = []
-        if token_ids:
-            self._on_tokens(len(token_ids))
-            delta = pb.Delta(token_ids=token_ids, text="".join(text), logprobs=logprobs)
-            responses.append(self._response(delta=delta))
-        if self._stop.matched is not None:
-            responses.append(self._finish("stop", stop_string=self._stop.matched))
-        elif out.finished:
-            tail = self._stop.push(self._detok.flush())
-            if self._stop.matched is None:
-                tail += self._stop.flush()
-            if tail:
-                responses.append(self._response(delta=pb.Delta(text=tail)))
-            if self._stop.matched is not None:
-                responses.append(self._finish("stop", stop_string=self._stop.matched))
-            else:
-                reason = out.finish_reason or "stop"
-                stop_token = {"stop_token_id": out.stop_token_id} if out.stop_token_id is not None else {}
-                responses.append(self._finish(reason, error=out.error or "", **stop_token))
+        for choice in self.choices:
+            if not choice.pending:
+                continue
+            finished = choice.finished
+            if finished is None and choice.pending_tokens < self.stream_interval:
+                continue
+            items, choice.pending, choice.pending_tokens = choice.pending, [], 0
+            delta = _delta(items)
+            if delta is not None:
+                responses.append(pb.GenerateResponse(request_id=self.request_id, index=choice.index, delta=delta))
+            if finished is not None:
+                responses.append(self._finished(choice, finished))
+                choice.sent_finish = True
         return responses
 
-    def cancelled(self) -> None:
-        """Record a completion whose call went away before it finished (the engine aborts it)."""
-        if not self.done:
-            self.finish_reason = "abort"
-            prompt, tokens = self.num_prompt_tokens, self.num_tokens
-            self._metrics.observe_finished("abort", time.monotonic() - self._started_at, prompt, tokens)
-
-    def fail(self, message: str) -> pb.GenerateResponse:
-        """The end of a completion whose engine stream broke."""
-        return self._finish("error", error=message)
-
-    def _on_tokens(self, count: int) -> None:
-        now = time.monotonic()
-        if self._last_token_at is None:
-            self.ttft = now - self._started_at
-            self._metrics.observe_first_token(self.ttft)
-        else:
-            self._metrics.observe_inter_token(now - self._last_token_at)
-        self._last_token_at = now
-        self.num_tokens += count
-
-    def _finish(self, reason: str, **fields: Any) -> pb.GenerateResponse:
-        self.finish_reason = reason
-        completion_tokens = self.num_tokens + (1 if fields.get("stop_token_id") is not None else 0)
-        self._metrics.observe_finished(
-            reason, time.monotonic() - self._started_at, self.num_prompt_tokens, completion_tokens
-        )
+    def _finished(self, choice: _Choice, out: TextOutput) -> pb.GenerateResponse:
+        completion_tokens = choice.num_tokens + (1 if out.stop_token_id is not None else 0)
         usage = pb.Usage(
             prompt_tokens=self.num_prompt_tokens,
             completion_tokens=completion_tokens,
-            cached_prompt_tokens=self.num_cached_tokens,
+            cached_prompt_tokens=choice.num_cached_tokens,
         )
-        return self._response(finished=pb.Finished(finish_reason=_FINISH_REASONS[reason], usage=usage, **fields))
+        done = pb.Finished(
+            finish_reason=_FINISH_REASONS[out.finish_reason or "stop"], usage=usage, error=out.error or ""
+        )
+        if out.stop_string is not None:
+            done.stop_string = out.stop_string
+        elif out.stop_token_id is not None:
+            done.stop_token_id = out.stop_token_id
+        return pb.GenerateResponse(request_id=self.request_id, index=choice.index, finished=done)
 
-    def _logprob(self, lp: TokenLogprob) -> pb.TokenLogprob:
-        return pb.TokenLogprob(
-            token_id=lp.token_id,
-            token=self._tokenizer.decode([lp.token_id]),
-            logprob=lp.logprob,
-            top_logprobs=[pb.TopLogprob(token_id=t, token=self._tokenizer.decode([t]), logprob=v) for t, v in lp.top],
+    def unfinished(self) -> list[_Choice]:
+        return [c for c in self.choices if c.finished is None]
+
+    def record_cancelled(self) -> None:
+        """Count the completions the client left before they finished as aborts."""
+        for choice in self.unfinished():
+            choice.finish_reason = "abort"
+            elapsed = time.monotonic() - self.started_at
+            self.metrics.observe_finished("abort", elapsed, self.num_prompt_tokens, choice.num_tokens)
+
+
+def _delta(items: list[TextOutput]) -> pb.Delta | None:
+    if len(items) == 1:
+        out = items[0]
+        token_ids, text, logprobs = out.token_ids, out.text, out.logprobs
+    else:
+        token_ids = [t for out in items for t in out.token_ids]
+        text = "".join(out.text for out in items)
+        logprobs = [lp for out in items if out.logprobs for lp in out.logprobs] or None
+    if not token_ids and not text:
+        return None
+    delta = pb.Delta(token_ids=token_ids, text=text)
+    if logprobs:
+        delta.logprobs.extend(
+            pb.TokenLogprob(
+                token_id=lp.token_id,
+                token=lp.token,
+                logprob=lp.logprob,
+                top_logprobs=[pb.TopLogprob(token_id=t, token=s, logprob=v) for t, s, v in lp.top],
+            )
+            for lp in logprobs
         )
+    return delta
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -180,18 +238,21 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, config: WorkerConfig, metrics: WorkerMetrics) -> None:
         self._config = config
         self._metrics = metrics
-        self._engine: InferenceEngine | None = None
-        self._model_type = ""
-        self._in_flight: dict[str, _InFlight] = {}
+        self._engine: EngineClient | None = None
+        self._info: EngineInfo | None = None
+        self._tokenizer: Any = None
+        self._calls: dict[str, _Call] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def attach(self, engine: "InferenceEngine") -> None:
-        """Start serving this engine."""
-        self._model_type = str(getattr(engine.model_config, "model_type", ""))
+    def attach(self, engine: EngineClient, tokenizer: Any) -> None:
+        """Start serving through this engine client, with the model's tokenizer."""
+        assert engine.info is not None
+        self._info = engine.info
+        self._tokenizer = tokenizer
         self._engine = engine
 
     def begin_drain(self) -> None:
@@ -208,48 +269,47 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def abort_all(self) -> None:
         """Abort every in-flight Generate call (their streams end with FINISH_REASON_ABORT)."""
-        for request_id in list(self._in_flight):
-            self._abort(request_id)
+        for call in list(self._calls.values()):
+            self._abort(call)
 
-    def _abort(self, request_id: str) -> bool:
-        entry = self._in_flight.get(request_id)
-        if entry is None:
-            return False
-        entry.aborted = True
-        if self._engine is not None:
-            for engine_id in entry.engine_ids:
-                self._engine.abort(engine_id)
-        return True
+    def _abort(self, call: _Call) -> None:
+        call.abort_requested = True
+        if self._engine is not None and call.choices:
+            self._engine.abort([c.engine_id for c in call.unfinished()])
 
     # -- RPCs ------------------------------------------------------------------------------------
 
-    async def _ready_engine(self, context: grpc.aio.ServicerContext) -> "InferenceEngine":
+    async def _ready_engine(self, context: grpc.aio.ServicerContext) -> EngineClient:
         if self._engine is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry later")
         assert self._engine is not None
+        if self._engine.failure is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the worker is failing: {self._engine.failure}")
         return self._engine
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetModelInfoResponse:
-        engine = await self._ready_engine(context)
+        await self._ready_engine(context)
+        info = self._info
+        assert info is not None
         return pb.GetModelInfoResponse(
-            served_model_name=engine.model_name,
-            max_context_length=engine.max_context_length,
-            vocab_size=engine.vocab_size,
-            has_chat_template=has_chat_template(engine.tokenizer),
-            model_type=self._model_type,
-            eos_token_ids=sorted(engine.eos_token_ids),
+            served_model_name=info.served_model_name,
+            max_context_length=info.limits.max_context_length,
+            vocab_size=info.limits.vocab_size,
+            has_chat_template=has_chat_template(self._tokenizer),
+            model_type=info.model_type,
+            eos_token_ids=info.eos_token_ids,
         )
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
         engine = await self._ready_engine(context)
-        load = engine.get_load()
+        load = engine.load
         response = pb.GetLoadResponse(
             num_requests_running=load.num_running,
             num_requests_waiting=load.num_waiting,
             kv_pages_used=load.kv_pages_used,
-            kv_pages_total=load.kv_pages_total,
+            kv_pages_total=load.kv_pages_total or (self._info.limits.num_pages if self._info else 0),
             kv_cache_usage=load.kv_cache_usage,
             num_preemptions=load.num_preemptions,
         )
@@ -259,7 +319,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         await self._ready_engine(context)
-        return pb.AbortResponse(aborted_request_ids=[rid for rid in request.request_ids if self._abort(rid)])
+        found = [rid for rid in request.request_ids if rid in self._calls]
+        for rid in found:
+            self._abort(self._calls[rid])
+        return pb.AbortResponse(aborted_request_ids=found)
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -270,139 +333,89 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         started_at = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
         record: dict[str, Any] = {"request_id": request_id, "status": "OK"}
-        if len(request_id) > MAX_REQUEST_ID_LENGTH or request_id in self._in_flight:
+        if len(request_id) > MAX_REQUEST_ID_LENGTH or request_id in self._calls:
             problem = "is too long" if len(request_id) > MAX_REQUEST_ID_LENGTH else "is already in flight"
             record.update(status="INVALID_ARGUMENT", error_param="request_id")
             self._log(record, started_at)
             await _abort_invalid(context, InvalidRequestError(f"request_id {problem}", "request_id"))
-        entry = _InFlight()
-        self._in_flight[request_id] = entry
+        # Registered before the first await, so that a second call with this id is refused meanwhile.
+        call = self._calls[request_id] = _Call(request_id, self._config.stream_interval, self._metrics, started_at)
         self._idle.clear()
-        choices: list[_Choice] = []
-        tasks: list[asyncio.Task] = []
         try:
             try:
-                prepared = await asyncio.to_thread(self._prepare, engine, request)
+                if request.WhichOneof("input") == "token_ids":
+                    prepared = self._prepare(request)  # nothing to tokenize: no thread hop
+                else:
+                    prepared = await asyncio.to_thread(self._prepare, request)
                 record["n"] = len(prepared.params)
                 record["prompt_tokens"] = len(prepared.prompt_ids)
-                choices = [
-                    _Choice(
-                        i,
-                        request_id,
-                        request_id if len(prepared.params) == 1 else f"{request_id}#{i}",
-                        engine.tokenizer,
-                        prepared,
-                        started_at,
-                        self._metrics,
-                    )
-                    for i in range(len(prepared.params))
-                ]
-                entry.engine_ids = [c.engine_id for c in choices]
-                firsts = await self._start(engine, prepared, choices)
+                call.start(len(prepared.prompt_ids), len(prepared.params))
+                for choice, params in zip(call.choices, prepared.params, strict=True):
+                    engine.add(choice.engine_id, prepared.prompt_ids, params, prepared.detok, call, choice.index)
+                if call.abort_requested:  # Abort arrived before the engine knew the ids
+                    self._abort(call)
+                while not call.accepted and call.refusal is None:
+                    await call.wait()
             except InvalidRequestError as exc:
                 record.update(status="INVALID_ARGUMENT", error_param=exc.param)
                 await _abort_invalid(context, exc)
-            except QueueFullError as exc:
-                record["status"] = "RESOURCE_EXHAUSTED"
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    str(exc),
-                    trailing_metadata=((RETRY_AFTER_KEY, str(self._config.retry_after_ms)),),
-                )
-            except Exception as exc:  # a bug, not the caller's fault: say so without taking the worker down
+            except Exception as exc:  # a bug or a dead engine, not the caller's fault: say so, keep serving
                 record["status"] = "INTERNAL"
                 log.exception("generate failed", extra={"fields": {"request_id": request_id}})
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
-            if entry.aborted:  # Abort arrived before the engine knew the ids
-                for choice in choices:
-                    engine.abort(choice.engine_id)
-            for choice in choices:
-                yield choice.prompt_info()
-            for choice, first in zip(choices, firsts, strict=True):
-                for response in choice.on_output(first):
+                code = grpc.StatusCode.UNAVAILABLE if engine.failure else grpc.StatusCode.INTERNAL
+                await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
+            if call.refusal is not None:
+                await self._refuse(context, call.refusal, record)
+            for choice in call.choices:
+                prompt = pb.PromptInfo(num_prompt_tokens=call.num_prompt_tokens)
+                yield pb.GenerateResponse(request_id=request_id, index=choice.index, prompt=prompt)
+            while True:
+                for response in call.responses():
                     yield response
-            queue: asyncio.Queue[pb.GenerateResponse | None] = asyncio.Queue()
-            tasks = [asyncio.create_task(self._pump(c, queue)) for c in choices if not c.done]
-            for choice in choices:
-                if choice.done and choice.stream is not None:
-                    await _close(choice.stream)
-            remaining = len(tasks)
-            while remaining:
-                response = await queue.get()
-                if response is None:
-                    remaining -= 1
-                else:
-                    yield response
+                if call.done:
+                    break
+                await call.wait()
         except asyncio.CancelledError:
             record["status"] = "CANCELLED"
             raise
         finally:
-            for task in tasks:
-                task.cancel()
-            # Wait for the engine streams to close, which aborts their requests and frees their pages.
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for choice in choices:
-                if choice.stream is not None:
-                    await _close(choice.stream)
-            del self._in_flight[request_id]
-            if not self._in_flight:
-                self._idle.set()
-            if choices and record["status"] == "OK" and not all(c.done for c in choices):
-                record["status"] = "CANCELLED"
+            left = call.unfinished()
+            if left:
+                engine.cancel([c.engine_id for c in left])
+                if record["status"] == "OK":
+                    record["status"] = "CANCELLED"
             if record["status"] == "CANCELLED":
-                for choice in choices:
-                    choice.cancelled()
-            self._log(record, started_at, choices)
+                call.record_cancelled()
+            del self._calls[request_id]
+            if not self._calls:
+                self._idle.set()
+            self._log(record, started_at, call)
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, refusal: Rejected, record: dict[str, Any]) -> None:
+        """End a call whose requests the engine refused (or could not take: it died)."""
+        if refusal.kind == "invalid":
+            record.update(status="INVALID_ARGUMENT", error_param=refusal.param)
+            await _abort_invalid(context, InvalidRequestError(refusal.message, refusal.param))
+        if refusal.kind == "queue_full":
+            record["status"] = "RESOURCE_EXHAUSTED"
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                refusal.message,
+                trailing_metadata=((RETRY_AFTER_KEY, str(self._config.retry_after_ms)),),
+            )
+        record["status"] = "UNAVAILABLE"
+        await context.abort(grpc.StatusCode.UNAVAILABLE, refusal.message)
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    async def _start(self, engine: "InferenceEngine", prepared: _Prepared, choices: list[_Choice]) -> list[StepOutput]:
-        """Submit every completion and wait for each one's first output.
-
-        The engine validates and queues a request before its first output, so waiting here means a
-        refused request gets its error status before any response message was sent.
-        """
-        for choice, params in zip(choices, prepared.params, strict=True):
-            choice.stream = engine.stream(prepared.prompt_ids, params, request_id=choice.engine_id)
-        pending = {asyncio.ensure_future(anext(c.stream)): c for c in choices}  # type: ignore[arg-type]
-        firsts: dict[int, StepOutput] = {}
-        try:
-            while pending:
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for future in done:
-                    choice = pending.pop(future)
-                    firsts[choice.index] = future.result()  # raises the engine's refusal, if any
-        finally:
-            for future in pending:
-                future.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-        return [firsts[c.index] for c in choices]
-
-    async def _pump(self, choice: _Choice, queue: "asyncio.Queue[pb.GenerateResponse | None]") -> None:
-        """Move one completion's engine outputs into the call's response queue until it finishes."""
-        assert choice.stream is not None
-        try:
-            async for out in choice.stream:
-                for response in choice.on_output(out):
-                    queue.put_nowait(response)
-                if choice.done:
-                    break
-            if not choice.done:
-                queue.put_nowait(choice.fail("the engine stream ended without a finish"))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # an engine fault ends this completion, not the worker
-            log.exception("engine stream failed", extra={"fields": {"request_id": choice.request_id}})
-            queue.put_nowait(choice.fail(f"engine error: {exc}"))
-        finally:
-            await _close(choice.stream)
-            queue.put_nowait(None)
-
-    def _prepare(self, engine: "InferenceEngine", request: pb.GenerateRequest) -> _Prepared:
-        """Tokenize the prompt and validate every field; runs in a thread because tokenizing takes time."""
-        prompt_ids = self._prompt_ids(engine, request)
-        if len(prompt_ids) >= engine.max_context_length:  # not even one token of room to generate
-            raise ContextLengthError(engine.max_context_length, len(prompt_ids))
+    def _prepare(self, request: pb.GenerateRequest) -> _Prepared:
+        """Tokenize the prompt and validate every field against the engine's limits."""
+        info = self._info
+        assert info is not None
+        limits = info.limits
+        prompt_ids = self._prompt_ids(request)
+        if len(prompt_ids) >= limits.max_context_length:  # not even one token of room to generate
+            raise ContextLengthError(limits.max_context_length, len(prompt_ids))
         s = request.sampling
         config = self._config
 
@@ -421,11 +434,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if value("top_logprobs", 0) != 0 and not s.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
         # Unset max_tokens fills what is left of the context (and of the KV cache, for a small cache);
-        # a max_tokens that is set and does not fit is the engine's to refuse, as OpenAI does.
-        capacity = engine.kv_capacity_tokens
-        room = min(engine.max_context_length, capacity) - len(prompt_ids)
-        # A prompt that leaves no room gets the engine's own error (context length or KV capacity).
-        max_tokens = value("max_tokens", max(room, 1))
+        # a max_tokens that is set and does not fit is refused, as OpenAI does.
+        max_tokens = value("max_tokens", max(limits.room(len(prompt_ids)), 1))
         base = SamplingParams(
             max_tokens=max_tokens,
             temperature=value("temperature", 1.0),
@@ -445,37 +455,38 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         for i in range(n):
             seed = None if base.seed is None else base.seed + i
             p = dataclasses.replace(base, seed=seed, stop_token_ids=list(base.stop_token_ids))
-            p.validate(engine.vocab_size)
+            limits.check(prompt_ids, p)
             params.append(p)
-        return _Prepared(prompt_ids, params, list(s.stop), value("skip_special_tokens", True))
+        detok = DetokParams(list(s.stop), value("skip_special_tokens", True))
+        return _Prepared(prompt_ids, params, detok)
 
-    def _prompt_ids(self, engine: "InferenceEngine", request: pb.GenerateRequest) -> list[int]:
+    def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
+        tokenizer = self._tokenizer
         kind = request.WhichOneof("input")
         if kind == "text":
             if not request.HasField("add_special_tokens") or request.add_special_tokens:
-                ids = engine.encode(request.text)
+                ids = encode_prompt(tokenizer, request.text)
             else:
-                ids = list(engine.tokenizer.encode(request.text, add_special_tokens=False))
+                ids = list(tokenizer.encode(request.text, add_special_tokens=False))
             if not ids:
                 raise InvalidRequestError("text is empty (no tokens to start from)", "text")
             return ids
         if kind == "chat":
             messages = [(m.role, m.content) for m in request.chat.messages]
-            return apply_chat_template(engine.tokenizer, messages)
+            return apply_chat_template(tokenizer, messages)
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
             if not ids:
                 raise InvalidRequestError("token_ids.ids must not be empty", "token_ids")
-            vocab = engine.vocab_size
-            bad = next((t for t in ids if not 0 <= t < vocab), None)
-            if bad is not None:
-                raise InvalidRequestError(f"token_ids contains {bad}, outside the vocabulary [0, {vocab})", "token_ids")
+            assert self._info is not None
+            self._info.limits.check_prompt(ids, "token_ids")
             return ids
         raise InvalidRequestError("input is required: set one of text, chat or token_ids", "input")
 
-    def _log(self, record: dict[str, Any], started_at: float, choices: Sequence[_Choice] = ()) -> None:
+    def _log(self, record: dict[str, Any], started_at: float, call: _Call | None = None) -> None:
         """The one info line per Generate call; never the prompt or output text."""
-        if choices:
+        if call is not None and call.choices:
+            choices = call.choices
             record["completion_tokens"] = sum(c.num_tokens for c in choices)
             reasons = [c.finish_reason or "none" for c in choices]
             record["finish_reason"] = reasons[0] if len(reasons) == 1 else ",".join(reasons)
@@ -489,11 +500,3 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 async def _abort_invalid(context: grpc.aio.ServicerContext, exc: InvalidRequestError) -> None:
     metadata = ((ERROR_PARAM_KEY, exc.param),) if exc.param else ()
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message, trailing_metadata=metadata)
-
-
-async def _close(stream: AsyncIterator[StepOutput]) -> None:
-    """Close an engine stream (aborting its request if it still runs); closing twice is harmless."""
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        with contextlib.suppress(RuntimeError):  # "already running" when its own task is mid-close
-            await aclose()

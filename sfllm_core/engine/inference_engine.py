@@ -1,6 +1,5 @@
 """InferenceEngine: requests in, tokens out; offline `generate`, asyncio `stream`, thread-safe `abort`."""
 
-import asyncio
 import functools
 import logging
 import threading
@@ -12,20 +11,24 @@ from dataclasses import dataclass, replace
 import torch
 
 from sfllm_core.config import EngineConfig
+from sfllm_core.engine.engine_loop import EngineLoop
+from sfllm_core.engine.limits import EngineLimits
 from sfllm_core.engine.memory_pool import MemoryPool
 from sfllm_core.engine.model_runner import ModelRunner
 from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence, SequenceStatus
 from sfllm_core.engine.scheduler import ScheduledBatch, Scheduler, window_pages_per_seq
-from sfllm_core.errors import ContextLengthError, InvalidRequestError, QueueFullError
+from sfllm_core.errors import InvalidRequestError, QueueFullError
 from sfllm_core.layers.attention import AttentionBackend, TorchPagedAttention
 from sfllm_core.layers.sampler import Sampler
 from sfllm_core.models.common import assign_weights, sliding_windows
 from sfllm_core.models.loader import (
     default_eos_token_ids,
+    encode_prompt,
     load_model_config,
     load_tokenizer,
     load_weights,
     resolve_model_path,
+    served_model_name,
 )
 from sfllm_core.models.registry import model_class
 from sfllm_core.outputs import EngineLoad, GenerationOutput, StepOutput
@@ -39,9 +42,10 @@ DEFAULT_MAX_CONTEXT = 8192
 class InferenceEngine:
     """Hosts one model: loads it, schedules requests, runs steps, streams results.
 
-    Offline use calls `generate` from one thread. Serving calls `stream` from an asyncio loop;
-    the first call starts a background thread that runs steps while there is work, so the event
-    loop never blocks on the model. Either way, every request ends with exactly one finished
+    Offline use calls `generate` from one thread. `stream` serves asyncio callers in-process:
+    the first call starts an EngineLoop (engine/engine_loop.py), a background thread that runs
+    steps while there is work. A server may instead drive `submit`, `abort` and `step` itself
+    (the worker's engine process does). Either way, every request ends with exactly one finished
     StepOutput and gives back all of its KV pages.
     """
 
@@ -66,7 +70,7 @@ class InferenceEngine:
         # hf_config without a path builds a model with random weights (benchmarks of real shapes).
         path = None if hf_config is not None and config.model_path is None else resolve_model_path(config.model_path)
         self.model_config = hf_config if hf_config is not None else load_model_config(path)
-        self.model_name = config.served_model_name or _served_name(config.model_path, path)
+        self.model_name = config.served_model_name or served_model_name(config.model_path, path)
         self.tokenizer = load_tokenizer(path) if path is not None else None
         self.vocab_size = self.model_config.vocab_size
         self.eos_token_ids = set(default_eos_token_ids(self.model_config, self.tokenizer))
@@ -83,13 +87,13 @@ class InferenceEngine:
             self.model, self.pool, self._build_backend(), self.device, self.max_context_length, graph_batch
         )
         self.sampler = Sampler(config.seed)
+        self.limits = EngineLimits(self.vocab_size, self.max_context_length, self.pool.page_size, self.pool.num_pages)
 
         self._seqs: dict[str, RequestSequence] = {}
         self._inbox: list[tuple[str, object]] = []
         self._cv = threading.Condition()
-        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        self._woken = False
+        self._loop: EngineLoop | None = None
         self._pending: _PendingStep | None = None
         self.num_overlapped_steps = 0  # decode steps launched before the previous one was read
         self._token_buffers: list[torch.Tensor] = []  # page-locked, for reading sampled ids back
@@ -115,7 +119,7 @@ class InferenceEngine:
                 model = cls(self.model_config)
         finally:
             torch.set_default_dtype(previous)
-        if path is not None:
+        if path is not None and self.config.load_format != "dummy":
             tied = bool(getattr(self.model_config, "tie_word_embeddings", False))
             assign_weights(model, load_weights(path, self.dtype), tied)
         # Loading needs the checkpoint's separate q/k/v and gate/up tensors; serving wants one GEMM each.
@@ -195,42 +199,22 @@ class InferenceEngine:
         """Tokenize a prompt; a leading bos is added unless the text already starts with it."""
         if self.tokenizer is None:
             raise InvalidRequestError("this engine has no tokenizer; pass token ids", "prompt")
-        ids = self.tokenizer.encode(text, add_special_tokens=True)
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
-            ids = ids[1:]
-        return ids
+        return encode_prompt(self.tokenizer, text)
 
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestSequence:
         """Validate a request; raises InvalidRequestError (or ContextLengthError) naming the field."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams", "params")
         token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not token_ids:
-            raise InvalidRequestError("prompt must not be empty", "prompt")
-        for tok in token_ids:
-            if not isinstance(tok, int) or not 0 <= tok < self.vocab_size:
-                raise InvalidRequestError(
-                    f"prompt contains token id {tok!r}, outside the vocabulary [0, {self.vocab_size})", "prompt"
-                )
-        params.validate(self.vocab_size)
-        if len(token_ids) >= self.max_context_length:
-            raise ContextLengthError(self.max_context_length, len(token_ids))
-        if len(token_ids) + params.max_tokens > self.max_context_length:
-            raise ContextLengthError(self.max_context_length, len(token_ids), params.max_tokens)
-        pages = -(-(len(token_ids) + params.max_tokens) // self.pool.page_size)
-        if pages > self.pool.num_pages:
-            raise InvalidRequestError(
-                f"the request needs {pages} KV pages but the cache holds {self.pool.num_pages}", "max_tokens"
-            )
+        self.limits.check(token_ids, params)
         return RequestSequence(request_id, token_ids, params)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         """Validate and queue a request (thread-safe); it runs on the next step."""
-        seq = self.make_sequence(request_id, prompt, params)
-        self._submit(seq)
+        self.submit(self.make_sequence(request_id, prompt, params))
 
-    def _submit(self, seq: RequestSequence) -> None:
+    def submit(self, seq: RequestSequence) -> None:
+        """Queue a validated sequence (thread-safe); raises QueueFullError past max_waiting."""
         with self._cv:
             pending = sum(1 for kind, _ in self._inbox if kind == "add")
             if len(self.scheduler.waiting) + pending >= self.config.max_waiting:
@@ -267,10 +251,35 @@ class InferenceEngine:
         with self._cv:
             return bool(self._inbox) or self.scheduler.has_work() or self._pending is not None
 
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        """Block until there is work (True), or until `wake` or the timeout (False)."""
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._woken or self.has_work(), timeout):
+                return False
+            woken, self._woken = self._woken, False
+            return not woken or self.has_work()
+
+    def wake(self) -> None:
+        """Make a `wait_for_work` in another thread return now."""
+        with self._cv:
+            self._woken = True
+            self._cv.notify_all()
+
+    def abort_all(self) -> list[StepOutput]:
+        """End every queued and running request with "abort" (call only where no step runs); their outputs."""
+        outputs = self._drain_inbox()
+        if self._pending is not None:
+            outputs += self._resolve(self._pending)
+            self._pending = None
+        for seq in list(self._seqs.values()):
+            self._finish(seq, "abort")
+            outputs.append(self._output(seq, [], None, finished=True))
+        return outputs
+
     @property
     def kv_capacity_tokens(self) -> int:
         """Tokens the KV cache holds in all: no request may need more."""
-        return self.pool.num_pages * self.pool.page_size
+        return self.limits.kv_capacity_tokens
 
     def get_load(self) -> EngineLoad:
         return EngineLoad(
@@ -413,14 +422,14 @@ class InferenceEngine:
         self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
     ) -> list[GenerationOutput]:
         """Run prompts to completion and return their results in order (not while streaming)."""
-        if self._thread is not None:
+        if self._loop is not None and self._loop.running:
             raise RuntimeError("generate() cannot run while the streaming loop owns the engine")
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise InvalidRequestError("params must be one SamplingParams or one per prompt", "params")
         seqs = [self.make_sequence(f"gen-{uuid.uuid4().hex}", p, sp) for p, sp in zip(prompts, params_list)]
         for seq in seqs:
-            self._submit(seq)
+            self.submit(seq)
         while any(s.status is not SequenceStatus.FINISHED for s in seqs):
             self.step()
         results = []
@@ -436,81 +445,20 @@ class InferenceEngine:
 
     # ---- streaming ----------------------------------------------------------------------------
 
-    async def stream(
+    def stream(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[StepOutput]:
-        """Yield a request's StepOutputs as they are produced; closing the generator aborts it.
-
-        Validation errors are raised before the first yield.
-        """
-        request_id = request_id or uuid.uuid4().hex
-        seq = self.make_sequence(request_id, prompt, params)
-        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
-        self._listeners[request_id] = (asyncio.get_running_loop(), queue)
-        try:
-            self._submit(seq)
-        except Exception:
-            self._listeners.pop(request_id, None)
-            raise
-        self._ensure_loop()
-        finished = False
-        try:
-            while True:
-                out = await queue.get()
-                finished = out.finished
-                yield out
-                if finished:
-                    return
-        finally:
-            self._listeners.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
-
-    def _ensure_loop(self) -> None:
-        with self._cv:
-            if self._thread is None and not self._stopping:
-                self._thread = threading.Thread(target=self._loop, name="sfllm-engine", daemon=True)
-                self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while (
-                    not self._stopping and not self._inbox and not self.scheduler.has_work() and self._pending is None
-                ):
-                    self._cv.wait()
-                if self._stopping:
-                    return
-            try:
-                outputs = self.step()
-            except Exception:  # the loop must outlive any bug in one step
-                logger.exception("engine step crashed")
-                outputs = []
-            self._deliver(outputs)
-
-    def _deliver(self, outputs: list[StepOutput]) -> None:
-        for out in outputs:
-            listener = self._listeners.get(out.request_id)
-            if listener is not None:
-                loop, queue = listener
-                try:
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
-                except RuntimeError:  # the caller's loop has closed
-                    self.abort(out.request_id)
+        """Yield a request's StepOutputs from an asyncio loop (see EngineLoop.stream); closing it aborts."""
+        if self._loop is None:
+            self._loop = EngineLoop(self)
+        return self._loop.stream(prompt, params, request_id)
 
     def shutdown(self) -> None:
-        """Stop the background loop; requests still in flight are aborted."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-        outputs = self._drain_inbox()
-        for seq in list(self._seqs.values()):
-            self._finish(seq, "abort")
-            outputs.append(self._output(seq, [], None, finished=True))
-        self._deliver(outputs)
+        """Stop the streaming loop, if one runs; requests still in flight are aborted."""
+        if self._loop is not None:
+            self._loop.shutdown()
+        else:
+            self.abort_all()
 
 
 @dataclass
@@ -523,12 +471,3 @@ class _PendingStep:
     host: torch.Tensor  # page-locked copy target of `tokens`
     ready: "torch.cuda.Event"  # recorded after the copy
     logprobs: tuple[torch.Tensor, ...] | None  # Sampler.gather_logprobs' results, copied to the host
-
-
-def _served_name(requested: str | None, path: str | None) -> str:
-    if path is None:
-        return "random"
-    if requested in (None, "gemma3-270m"):
-        return "gemma3-270m"
-    name = path.rstrip("/").split("/")[-1]
-    return name.removesuffix(".gguf")

@@ -88,6 +88,15 @@ def resolve_model_path(path: str | None) -> str:
     return str(resolved)
 
 
+def served_model_name(requested: str | None, path: str | None) -> str:
+    """The name clients use for a model: "gemma3-270m" for the default, else the folder or file stem."""
+    if path is None:
+        return "random"
+    if requested in (None, DEFAULT_MODEL):
+        return DEFAULT_MODEL
+    return path.rstrip("/").split("/")[-1].removesuffix(".gguf")
+
+
 def load_model_config(path: str, cache_dir: str | None = None) -> PretrainedConfig:
     """The transformers config (Qwen3Config or Gemma3TextConfig) of a checkpoint folder or GGUF file.
 
@@ -156,6 +165,15 @@ def load_tokenizer(path: str, cache_dir: str | None = None) -> transformers.PreT
         logger.warning("cannot cache the tokenizer in %s (%s); it will be converted again next start", cache, exc)
     _ensure_chat_template(tokenizer)
     return tokenizer
+
+
+def encode_prompt(tokenizer: transformers.PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Tokenize a prompt; a leading bos is added unless the text already starts with it."""
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    bos = tokenizer.bos_token_id
+    if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    return ids
 
 
 def default_eos_token_ids(

@@ -1,7 +1,9 @@
-"""Real workers on loopback around tiny random-weight checkpoints (the qwen3_path fixture of tests/conftest.py)."""
+"""Real workers on loopback around tiny random-weight checkpoints (the qwen3_path fixture of tests/conftest.py).
 
-import functools
-import time
+Each worker's front runs on a thread of the test process; its engine and detokenizer are real
+child processes, as in production.
+"""
+
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,32 +23,14 @@ def worker_config(model: Path, **overrides: object) -> WorkerConfig:
     return WorkerConfig(**settings)
 
 
-def paced_engine(config: WorkerConfig, seconds_per_step: float) -> Callable[[], InferenceEngine]:
-    """An engine factory whose engine sleeps before every step, so a test can act while streams are mid-way."""
-
-    def build() -> InferenceEngine:
-        engine = InferenceEngine(config=config.engine_config())
-        step = engine.step
-
-        @functools.wraps(step)
-        def paced_step() -> list:
-            time.sleep(seconds_per_step)
-            return step()
-
-        engine.step = paced_step  # the background loop calls self.step()
-        return engine
-
-    return build
-
-
 @pytest.fixture
 def make_worker(qwen3_path: Path) -> Iterator[Callable[..., BackgroundWorker]]:
     """Start workers with special settings (pace: seconds each engine step sleeps); stopped after the test."""
     started: list[BackgroundWorker] = []
 
-    def make(pace: float | None = None, load: bool = True, **overrides: object) -> BackgroundWorker:
-        config = worker_config(qwen3_path, **overrides)
-        worker = BackgroundWorker(config, paced_engine(config, pace) if pace else None)
+    def make(pace: float = 0.0, load: bool = True, **overrides: object) -> BackgroundWorker:
+        config = worker_config(qwen3_path, debug_step_delay_s=pace, **overrides)
+        worker = BackgroundWorker(config)
         started.append(worker)
         if load:
             worker.load(timeout=120)

@@ -1,0 +1,201 @@
+"""EngineServer: the worker's engine process. It owns the GPU and runs scheduler and model steps back to back.
+
+It does no per-token text work: requests arrive from the front as token ids (AddRequest), and
+each step's outputs leave as one StepBatch for the detokenizer. Load reports, refusals and the
+start-up handshake go straight to the front. The process exits when told to (Shutdown), when its
+parent dies, or when it cannot build the engine.
+"""
+
+import ctypes
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import replace
+
+import zmq
+
+from sfllm_core.errors import InvalidRequestError, QueueFullError
+from worker.config import WorkerConfig
+from worker.logs import configure_logging
+from worker.messages import (
+    AbortRequests,
+    AddRequest,
+    Channels,
+    DetokParams,
+    EngineFailed,
+    EngineInfo,
+    EngineReady,
+    LoadReport,
+    Rejected,
+    Shutdown,
+    StepBatch,
+    ToEngine,
+    decoder,
+    encoder,
+)
+
+log = logging.getLogger("sfllm.engine")
+
+LOAD_REPORT_INTERVAL_S = 0.02  # while busy, load reports go out at most this often (and always on idling)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to kill this process when its parent dies (kill -9 included); elsewhere, loops poll getppid."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the request took effect
+        os._exit(1)
+
+
+def child_args(config: WorkerConfig, channels: Channels, **extra: str) -> str:
+    """What a worker passes to its child processes: one JSON argument."""
+    return json.dumps({"config": dataclasses.asdict(config), "channels": dataclasses.asdict(channels), **extra})
+
+
+def parse_child_args(argv: list[str]) -> tuple[WorkerConfig, Channels, dict[str, str]]:
+    args = json.loads(argv[0])
+    return WorkerConfig(**args.pop("config")), Channels(**args.pop("channels")), args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m worker.engine_server ARGS`: the engine process, started by the worker's front."""
+    config, channels, extra = parse_child_args(sys.argv[1:] if argv is None else argv)
+    parent = os.getppid()
+    die_with_parent(parent)
+    configure_logging(config.log_level)
+    EngineServer(config, extra["model_path"], extra["served_name"], channels, parent).run()
+
+
+class EngineServer:
+    """Steps one InferenceEngine while it has work; otherwise waits on its inbox."""
+
+    def __init__(
+        self, config: WorkerConfig, model_path: str, served_name: str, channels: Channels, parent_pid: int
+    ) -> None:
+        self.config = config
+        self.model_path = model_path
+        self.served_name = served_name
+        self.parent_pid = parent_pid
+        self._ctx = zmq.Context()
+        self.inbox = self._ctx.socket(zmq.PULL)
+        self.inbox.connect(channels.engine)
+        self.to_detok = self._ctx.socket(zmq.PUSH)
+        self.to_detok.connect(channels.detokenizer)
+        self.to_front = self._ctx.socket(zmq.PUSH)
+        self.to_front.connect(channels.front)
+        for sock in (self.inbox, self.to_detok, self.to_front):
+            sock.setsockopt(zmq.LINGER, 2000)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+        self._encode = encoder().encode
+        self._decode = decoder(ToEngine).decode
+        self._unannounced: dict[str, DetokParams] = {}
+        self._last_load = None
+        self._last_load_at = 0.0
+
+    def run(self) -> None:
+        try:
+            from sfllm_core.engine.inference_engine import InferenceEngine  # heavy: torch and the model code
+
+            engine_config = replace(
+                self.config.engine_config(), model_path=self.model_path, served_model_name=self.served_name
+            )
+            self.engine = InferenceEngine(config=engine_config)
+        except Exception as exc:
+            log.exception("the engine failed to start")
+            self.to_front.send(self._encode(EngineFailed(f"{type(exc).__name__}: {exc}")))
+            self._close()
+            sys.exit(1)
+        engine = self.engine
+        info = EngineInfo(
+            served_model_name=engine.model_name,
+            model_type=str(getattr(engine.model_config, "model_type", "")),
+            eos_token_ids=sorted(engine.eos_token_ids),
+            limits=engine.limits,
+            pid=os.getpid(),
+        )
+        self.to_front.send(self._encode(EngineReady(info)))
+        try:
+            self._loop()
+        finally:
+            self._close()
+
+    def _loop(self) -> None:
+        engine = self.engine
+        delay = self.config.debug_step_delay_s
+        while True:
+            # Block only while idle, and then for at most a second: a dead parent must be noticed.
+            if not engine.has_work() and not self.inbox.poll(1000):
+                if os.getppid() != self.parent_pid:
+                    return
+                continue
+            if not self._read_inbox():
+                self._send_outputs(engine.abort_all())
+                return
+            if engine.has_work():
+                if delay:
+                    time.sleep(delay)
+                self._send_outputs(engine.step())
+            self._report_load()
+
+    def _read_inbox(self) -> bool:
+        """Apply every message waiting; False once told to shut down."""
+        engine = self.engine
+        while True:
+            try:
+                frame = self.inbox.recv(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return True
+            msg = self._decode(frame)
+            if isinstance(msg, AddRequest):
+                try:
+                    engine.submit(engine.make_sequence(msg.rid, msg.prompt_ids, msg.params))
+                except InvalidRequestError as exc:
+                    self.to_front.send(self._encode(Rejected(msg.rid, "invalid", exc.message, exc.param)))
+                except QueueFullError as exc:
+                    self.to_front.send(self._encode(Rejected(msg.rid, "queue_full", str(exc))))
+                else:
+                    self._unannounced[msg.rid] = msg.detok
+            elif isinstance(msg, AbortRequests):
+                for rid in msg.rids:
+                    engine.abort(rid)
+            elif isinstance(msg, Shutdown):
+                return False
+
+    def _send_outputs(self, outputs: list) -> None:
+        if not outputs:
+            return
+        announce = []
+        if self._unannounced:
+            for out in outputs:
+                params = self._unannounced.pop(out.request_id, None)
+                if params is not None:
+                    announce.append((out.request_id, params))
+        self.to_detok.send(self._encode(StepBatch(announce, outputs)))
+
+    def _report_load(self) -> None:
+        engine = self.engine
+        load = engine.get_load()
+        if load == self._last_load:
+            return
+        now = time.monotonic()
+        if now - self._last_load_at < LOAD_REPORT_INTERVAL_S and engine.has_work():
+            return
+        self._last_load, self._last_load_at = load, now
+        self.to_front.send(self._encode(LoadReport(load)))
+
+    def _close(self) -> None:
+        for sock in (self.inbox, self.to_detok, self.to_front):
+            sock.close()
+        self._ctx.term()
+
+
+if __name__ == "__main__":
+    main()
