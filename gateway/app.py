@@ -1,7 +1,11 @@
 """The gateway's FastAPI app and the `sfllm-gateway` command. Handlers are thin: see serving.py."""
 
+import dataclasses
 import json
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -15,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway import errors
 from gateway.auth import ApiKeyChecker
 from gateway.config import GatewayConfig
-from gateway.errors import APIError, install_error_handlers
+from gateway.errors import install_error_handlers
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelList
 from gateway.router import Router, make_policy
@@ -59,12 +63,12 @@ async def _read_json(request: Request, limit: int) -> Any:
     """The body as JSON: 413 past `limit` bytes, 422 when it is not a JSON object."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"The request body exceeds {limit} bytes.", "invalid_request_error", None, "too_large")
+        raise errors.request_too_large(f"The request body exceeds {limit} bytes.")
     body = bytearray()
     async for part in request.stream():
         body += part
         if len(body) > limit:
-            raise APIError(413, f"The request body exceeds {limit} bytes.", "invalid_request_error", None, "too_large")
+            raise errors.request_too_large(f"The request body exceeds {limit} bytes.")
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -94,7 +98,7 @@ def _parse(model: type[RequestT], data: Any) -> RequestT:
 
 def create_app(config: GatewayConfig) -> FastAPI:
     """The gateway app; its lifespan starts and stops the worker pool."""
-    metrics = GatewayMetrics()
+    metrics = GatewayMetrics(multiprocess=config.processes > 1)
     policy = make_policy(
         config.policy,
         chunk_chars=config.prefix_chunk_chars,
@@ -112,6 +116,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         log.info("gateway started", extra={"fields": {"policy": config.policy, "workers": sorted(router.workers)}})
         yield
         await pool.stop()
+        metrics.close()
 
     app = FastAPI(title="SFLLM gateway", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.config = config
@@ -156,19 +161,42 @@ def create_app(config: GatewayConfig) -> FastAPI:
     return app
 
 
+# How `main` hands its configuration to the processes uvicorn starts (each builds its own app from it).
+_CHILD_CONFIG_ENV = "SFLLM_GATEWAY_CHILD_CONFIG"
+
+
+def child_app() -> FastAPI:
+    """The app of one of several gateway processes (uvicorn's factory); its config comes from `main`."""
+    config = GatewayConfig(**json.loads(os.environ[_CHILD_CONFIG_ENV]))
+    configure_logging(config.log_level)
+    return create_app(config)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """The `sfllm-gateway` command."""
+    """The `sfllm-gateway` command: one process, or --processes of them sharing the port."""
     config = GatewayConfig.from_args(argv)
     configure_logging(config.log_level)
-    uvicorn.run(
-        create_app(config),
-        host=config.host,
-        port=config.port,
-        log_level=config.log_level,
-        log_config=None,  # keep the JSON handler configure_logging installed
-        access_log=False,  # the gateway logs one structured line per request itself
-        timeout_graceful_shutdown=30,  # SIGTERM: stop accepting, let in-flight streams finish
-    )
+    server = {
+        "host": config.host,
+        "port": config.port,
+        "log_level": config.log_level,
+        "log_config": None,  # keep the JSON handler configure_logging installed
+        "access_log": False,  # the gateway logs one structured line per request itself
+        "timeout_graceful_shutdown": 30,  # SIGTERM: stop accepting, let in-flight streams finish
+        "loop": "uvloop",
+        "http": "httptools",
+    }
+    if config.processes == 1:
+        uvicorn.run(create_app(config), **server)
+        return
+    # Several processes: each has its own router and worker pool; their metrics meet in one folder.
+    metrics_dir = tempfile.mkdtemp(prefix="sfllm-gateway-metrics-")
+    os.environ[GatewayMetrics.MULTIPROCESS_DIR_ENV] = metrics_dir
+    os.environ[_CHILD_CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
+    try:
+        uvicorn.run("gateway.app:child_app", factory=True, workers=config.processes, **server)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ class GatewayConfig:
     policy: str = "round_robin"
     host: str = "0.0.0.0"
     port: int = 8000
+    processes: int = 1  # gateway processes sharing the port, each with its own router state
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     max_in_flight: int = 1024  # requests the gateway holds at once; past it, 429
     max_request_bytes: int = 8 * 1024 * 1024
@@ -41,7 +42,15 @@ class GatewayConfig:
                 raise ValueError(f"workers: {entry!r} is not host:port")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        for name in ("max_in_flight", "max_request_bytes", "max_attempts", "prefix_chunk_chars", "prefix_max_chars"):
+        names = (
+            "processes",
+            "max_in_flight",
+            "max_request_bytes",
+            "max_attempts",
+            "prefix_chunk_chars",
+            "prefix_max_chars",
+        )
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("health_interval_s", "health_timeout_s", "load_interval_s", "resolve_interval_s"):
@@ -70,6 +79,7 @@ class GatewayConfig:
             "--api-key", action="append", default=None, help=f"accepted key (repeatable; or {API_KEY_ENV}=k1,k2)"
         )
         for name in (
+            "processes",
             "max_in_flight",
             "max_request_bytes",
             "max_attempts",
@@ -96,6 +106,7 @@ class GatewayConfig:
             policy=args.policy,
             host=args.host,
             port=int(args.port),
+            processes=int(args.processes),
             api_keys=api_keys,
             max_in_flight=int(args.max_in_flight),
             max_request_bytes=int(args.max_request_bytes),

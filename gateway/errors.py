@@ -52,6 +52,11 @@ def context_length_exceeded(message: str) -> APIError:
     return APIError(400, message, "invalid_request_error", "messages", "context_length_exceeded")
 
 
+def request_too_large(message: str) -> APIError:
+    """413: a request body (or the worker request made from it) over a size limit."""
+    return APIError(413, message, "invalid_request_error", None, "too_large")
+
+
 def unauthorized() -> APIError:
     """401: a missing or wrong API key."""
     return APIError(401, "Incorrect API key provided.", "invalid_request_error", None, "invalid_api_key")

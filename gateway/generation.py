@@ -9,6 +9,11 @@ Failure semantics (what the client sees):
   resume a chat prompt with partial output, which the worker API does not offer.)
 - A cancelled run (client gone) cancels its gRPC calls, which makes the worker abort and free the
   sequences, and also sends Abort for good measure.
+- A Generate request over the worker's message-size limit is the client's fault (413); it is
+  never retried and never marks the worker busy.
+
+Events are handed on in batches (`batches()`): everything that arrived since the consumer last
+looked, so a slow consumer gets larger batches instead of a longer queue.
 """
 
 import asyncio
@@ -139,19 +144,39 @@ class GenerationRun:
             await self.close()
             raise
 
-    async def events(self) -> AsyncIterator[Delta | Finish]:
-        """Every choice's deltas and its finish, interleaved; raises APIError if a call fails visibly."""
+    async def batches(self) -> AsyncIterator[list[Delta | Finish]]:
+        """Every choice's deltas and finish, in arrival order, as many as have arrived at each look.
+
+        Raises APIError if a call fails visibly (after handing on what came before the failure).
+        """
+        queue = self._queue
         remaining = len(self.jobs)
         while remaining:
-            event = await self._queue.get()
-            if isinstance(event, _Done):
-                remaining -= 1
-            elif isinstance(event, _Failed):
-                await self.close()
-                raise event.error
-            else:
-                if isinstance(event, Delta) and self.stats.first_token_at is None:
+            arrived = [await queue.get()]
+            while not queue.empty():
+                arrived.append(queue.get_nowait())
+            batch: list[Delta | Finish] = []
+            failure: APIError | None = None
+            for event in arrived:
+                if isinstance(event, _Done):
+                    remaining -= 1
+                elif isinstance(event, _Failed):
+                    failure = event.error
+                    break
+                else:
+                    batch.append(event)
+            if batch:
+                if self.stats.first_token_at is None and any(isinstance(e, Delta) for e in batch):
                     self.stats.first_token_at = time.monotonic()
+                yield batch
+            if failure is not None:
+                await self.close()
+                raise failure
+
+    async def events(self) -> AsyncIterator[Delta | Finish]:
+        """The same events one at a time."""
+        async for batch in self.batches():
+            for event in batch:
                 yield event
 
     def cancel(self) -> None:
@@ -216,6 +241,9 @@ class GenerationRun:
                 code = exc.code()
                 if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
                     raise _invalid_argument(exc, job.prompt_param) from None
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _metadata(exc, RETRY_AFTER_KEY) is None:
+                    # Not the worker's queue (that one always sends its retry hint): a message over gRPC's size limit.
+                    raise errors.request_too_large(f"the worker refused the request: {exc.details()}") from None
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     worker.busy_until = time.monotonic() + _retry_after_s(exc)
                     busy += 1

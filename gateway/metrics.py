@@ -1,6 +1,12 @@
-"""The gateway's Prometheus metrics, named like vLLM's where the meaning is the same (prefix `sfllm_gateway:`)."""
+"""The gateway's Prometheus metrics, named like vLLM's where the meaning is the same (prefix `sfllm_gateway:`).
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+With several gateway processes, prometheus_client's multiprocess mode adds them up: each process
+writes its values under PROMETHEUS_MULTIPROC_DIR and /metrics, whichever process answers, reads all.
+"""
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PREFIX = "sfllm_gateway:"
@@ -33,8 +39,10 @@ class GatewayMetrics:
     """All gateway metrics, on their own registry so that several apps can live in one process (tests)."""
 
     content_type = CONTENT_TYPE_LATEST
+    MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own switch, read when it is imported
 
-    def __init__(self) -> None:
+    def __init__(self, multiprocess: bool = False) -> None:
+        self.multiprocess = multiprocess
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -44,7 +52,10 @@ class GatewayMetrics:
             registry=r,
         )
         self.num_requests_running = Gauge(
-            PREFIX + "num_requests_running", "Generation requests the gateway holds now", registry=r
+            PREFIX + "num_requests_running",
+            "Generation requests the gateway holds now",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.time_to_first_token = Histogram(
             PREFIX + "time_to_first_token_seconds",
@@ -72,10 +83,18 @@ class GatewayMetrics:
             PREFIX + "request_retries", "Worker calls retried on another worker, by reason", ["reason"], registry=r
         )
         self.worker_in_flight = Gauge(
-            PREFIX + "worker_requests_in_flight", "Generate calls open on each worker", ["worker"], registry=r
+            PREFIX + "worker_requests_in_flight",
+            "Generate calls open on each worker",
+            ["worker"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.worker_healthy = Gauge(
-            PREFIX + "worker_healthy", "1 while a worker is admitted to routing, else 0", ["worker"], registry=r
+            PREFIX + "worker_healthy",
+            "1 while a worker is admitted to routing, else 0",
+            ["worker"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.worker_ejections = Counter(
             PREFIX + "worker_ejections", "Workers taken out of routing, by reason", ["worker", "reason"], registry=r
@@ -91,4 +110,13 @@ class GatewayMetrics:
                 pass
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
+
+    def close(self) -> None:
+        """This process is leaving: drop its share of the live gauges."""
+        if self.multiprocess:
+            multiprocess.mark_process_dead(os.getpid())

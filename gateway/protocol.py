@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_N = 128
@@ -408,3 +409,42 @@ def sse_event(payload: BaseModel, include_usage: bool = True) -> str:
     """One server-sent event as OpenAI frames it; chunks carry "usage": null only when usage was asked for."""
     exclude = None if include_usage else {"usage"}
     return f"data: {payload.model_dump_json(exclude=exclude)}\n\n"
+
+
+class ChunkEncoder:
+    """One stream's SSE events as plain dicts encoded by orjson: the per-token path, ~20x cheaper than pydantic.
+
+    Each event is exactly what `sse_event` makes of the chunk models above (tests hold the two together).
+    """
+
+    def __init__(
+        self, request_id: str, model: str, chat: bool, include_usage: bool, created: int | None = None
+    ) -> None:
+        self.include_usage = include_usage
+        self._head = {
+            "id": request_id,
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": now() if created is None else created,
+            "model": model,
+        }
+
+    def event(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
+        body = {**self._head, "choices": choices, "system_fingerprint": None}
+        if self.include_usage:
+            body["usage"] = usage
+        return b"data: " + orjson.dumps(body) + b"\n\n"
+
+    @staticmethod
+    def completion_choice(
+        index: int, text: str, logprobs: dict[str, Any] | None = None, finish_reason: str | None = None
+    ) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    @staticmethod
+    def chat_choice(
+        index: int, delta: dict[str, str], logprobs: dict[str, Any] | None = None, finish_reason: str | None = None
+    ) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+SSE_DONE_BYTES = SSE_DONE.encode()

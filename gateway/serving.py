@@ -5,6 +5,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -16,29 +17,22 @@ from gateway.errors import APIError
 from gateway.generation import Delta, Finish, GenerationRun, PromptJob
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import (
-    SSE_DONE,
+    SSE_DONE_BYTES,
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatLogprobs,
     ChatResponseMessage,
-    ChatTokenLogprob,
+    ChunkEncoder,
     CompletionChoice,
-    CompletionChunk,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
-    DeltaMessage,
     ModelCard,
     ModelList,
     PromptTokensDetails,
-    TopLogprob,
     Usage,
     new_id,
-    now,
-    sse_event,
 )
 from gateway.router import RouteKey, Router
 from gateway.workers import WorkerPool
@@ -158,35 +152,67 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-def _chat_logprobs(items: list[pb.TokenLogprob]) -> ChatLogprobs:
-    return ChatLogprobs(
-        content=[
-            ChatTokenLogprob(
-                token=lp.token,
-                logprob=lp.logprob,
-                bytes=list(lp.token.encode("utf-8")),
-                top_logprobs=[
-                    TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.token.encode("utf-8")))
+async def _unless_disconnected(work: Any, http: Request) -> bool:
+    """Await `work`; False (work cancelled) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    disconnect = asyncio.ensure_future(_wait_for_disconnect(http))
+    try:
+        await asyncio.wait({task, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+    if task.done():
+        task.result()  # raises the work's error
+        return True
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return False
+
+
+def _chat_logprobs(items: list[pb.TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's chat logprobs object (the ChatLogprobs schema) for these tokens."""
+    return {
+        "content": [
+            {
+                "token": lp.token,
+                "logprob": lp.logprob,
+                "bytes": list(lp.token.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode("utf-8"))}
                     for t in lp.top_logprobs
                 ],
-            )
+            }
             for lp in items
-        ]
-    )
+        ],
+        "refusal": None,
+    }
 
 
-def _completion_logprobs(items: list[pb.TokenLogprob], start_offset: int, with_top: bool) -> CompletionLogprobs:
+def _completion_logprobs(items: list[pb.TokenLogprob], start_offset: int, with_top: bool) -> dict[str, Any]:
+    """The legacy completions logprobs object (the CompletionLogprobs schema); offsets count from start_offset."""
     offsets = []
     offset = start_offset
     for lp in items:
         offsets.append(offset)
         offset += len(lp.token)
-    return CompletionLogprobs(
-        tokens=[lp.token for lp in items],
-        token_logprobs=[lp.logprob for lp in items],
-        top_logprobs=[{t.token: t.logprob for t in lp.top_logprobs} for lp in items] if with_top else None,
-        text_offset=offsets,
-    )
+    return {
+        "tokens": [lp.token for lp in items],
+        "token_logprobs": [lp.logprob for lp in items],
+        "top_logprobs": [{t.token: t.logprob for t in lp.top_logprobs} for lp in items] if with_top else None,
+        "text_offset": offsets,
+    }
+
+
+def _coalesce(batch: list[Delta | Finish]) -> dict[int, tuple[list[Delta], Finish | None]]:
+    """A batch of events by choice: its deltas (to send as one) and its finish, choices in order of arrival."""
+    by_choice: dict[int, tuple[list[Delta], Finish | None]] = {}
+    for event in batch:
+        deltas, finish = by_choice.get(event.choice, ([], None))
+        if isinstance(event, Delta):
+            deltas.append(event)
+        else:
+            finish = event
+        by_choice[event.choice] = (deltas, finish)
+    return by_choice
 
 
 def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> pb.SamplingParams:
@@ -307,7 +333,7 @@ class OpenAIServing:
         )
         record.run = run
         try:
-            await run.start()
+            accepted = await _unless_disconnected(run.start(), http)
         except APIError as exc:
             response = self._fail(record, exc)  # records the status before release() logs the line
             release()
@@ -315,6 +341,11 @@ class OpenAIServing:
         except BaseException:
             release()
             raise
+        if not accepted:  # the client left while its prompt waited or prefilled: stop the work now
+            await run.close()
+            record.status, record.disconnected = 499, True
+            release()
+            return Response(status_code=499)
         record.prompt_tokens = sum(run.num_prompt_tokens)
         num_choices = len(jobs) * req.n
         if req.stream:
@@ -360,7 +391,7 @@ class OpenAIServing:
                     ChatChoice(
                         index=i,
                         message=ChatResponseMessage(content="".join(acc.texts[i])),
-                        logprobs=_chat_logprobs(acc.logprobs[i]) if req.logprobs else None,
+                        logprobs=ChatLogprobs.model_validate(_chat_logprobs(acc.logprobs[i])) if req.logprobs else None,
                         finish_reason=acc.finish_reasons[i],  # type: ignore[arg-type]
                     )
                     for i in range(num_choices)
@@ -375,7 +406,9 @@ class OpenAIServing:
                     CompletionChoice(
                         index=i,
                         text="".join(acc.texts[i]),
-                        logprobs=_completion_logprobs(acc.logprobs[i], 0, bool(req.logprobs))
+                        logprobs=CompletionLogprobs.model_validate(
+                            _completion_logprobs(acc.logprobs[i], 0, bool(req.logprobs))
+                        )
                         if req.logprobs is not None
                         else None,
                         finish_reason=acc.finish_reasons[i],  # type: ignore[arg-type]
@@ -417,66 +450,65 @@ class OpenAIServing:
         req: ChatCompletionRequest | CompletionRequest,
         num_choices: int,
         record: RequestRecord,
-    ) -> AsyncIterator[str]:
-        """The SSE body: OpenAI's chunks, the usage chunk when asked for, then [DONE] (or an error event)."""
-        created = now()
-        include_usage = req.include_usage
+    ) -> AsyncIterator[bytes]:
+        """The SSE body: OpenAI's chunks, the usage chunk when asked for, then [DONE] (or an error event).
+
+        Whatever arrived since the last write goes out in one write, one event per choice: a client
+        that reads slowly gets events carrying several tokens, as OpenAI's own stream may.
+        """
+        chat = isinstance(req, ChatCompletionRequest)
+        encoder = ChunkEncoder(record.request_id, req.model, chat, req.include_usage)
         acc = _Accumulator(num_choices, req.n)
         offsets = [0] * num_choices
         last_delta: list[float | None] = [None] * num_choices
-        chat = isinstance(req, ChatCompletionRequest)
-
-        def chunk(choices: list) -> str:  # type: ignore[type-arg]
-            cls = ChatCompletionChunk if chat else CompletionChunk
-            return sse_event(
-                cls(id=record.request_id, created=created, model=req.model, choices=choices), include_usage
-            )
-
+        want_logprobs = bool(req.logprobs) if chat else req.logprobs is not None
+        with_top = bool(req.logprobs)
+        itl = self.metrics.inter_token_latency
         try:
             if chat:
-                for i in range(num_choices):
-                    role = DeltaMessage(role="assistant", content="")
-                    yield chunk([ChatChunkChoice(index=i, delta=role)])
-            async for event in run.events():
-                acc.add(event)
-                i = event.choice
-                if isinstance(event, Delta):
-                    moment = time.monotonic()
-                    if last_delta[i] is not None:
-                        self.metrics.inter_token_latency.observe(moment - last_delta[i])  # type: ignore[operator]
-                    last_delta[i] = moment
-                    if chat:
-                        assert isinstance(req, ChatCompletionRequest)
-                        logprobs = _chat_logprobs(event.logprobs) if req.logprobs else None
-                        yield chunk(
-                            [ChatChunkChoice(index=i, delta=DeltaMessage(content=event.text), logprobs=logprobs)]
-                        )
-                    else:
-                        assert isinstance(req, CompletionRequest)
-                        lps = None
-                        if req.logprobs is not None:
-                            lps = _completion_logprobs(event.logprobs, offsets[i], bool(req.logprobs))
-                            offsets[i] += sum(len(lp.token) for lp in event.logprobs)
-                        yield chunk([CompletionChoice(index=i, text=event.text, logprobs=lps)])
-                else:
-                    reason = event.finish_reason
-                    if chat:
-                        yield chunk([ChatChunkChoice(index=i, delta=DeltaMessage(), finish_reason=reason)])  # type: ignore[arg-type]
-                    else:
-                        yield chunk([CompletionChoice(index=i, text="", finish_reason=reason)])  # type: ignore[arg-type]
+                yield b"".join(
+                    encoder.event([ChunkEncoder.chat_choice(i, {"role": "assistant", "content": ""})])
+                    for i in range(num_choices)
+                )
+            async for batch in run.batches():
+                out = []
+                moment = time.monotonic()
+                for i, (deltas, finish) in _coalesce(batch).items():
+                    for event in deltas:
+                        acc.add(event)
+                    if deltas:
+                        if last_delta[i] is not None:
+                            itl.observe(moment - last_delta[i])  # type: ignore[operator]
+                        last_delta[i] = moment
+                        text = deltas[0].text if len(deltas) == 1 else "".join(d.text for d in deltas)
+                        items = [lp for d in deltas for lp in d.logprobs]
+                        if chat:
+                            lps = _chat_logprobs(items) if want_logprobs else None
+                            out.append(encoder.event([ChunkEncoder.chat_choice(i, {"content": text}, lps)]))
+                        else:
+                            lps = None
+                            if want_logprobs:
+                                lps = _completion_logprobs(items, offsets[i], with_top)
+                                offsets[i] += sum(len(lp.token) for lp in items)
+                            out.append(encoder.event([ChunkEncoder.completion_choice(i, text, lps)]))
+                    if finish is not None:
+                        acc.add(finish)
+                        reason = finish.finish_reason
+                        if chat:
+                            choice = ChunkEncoder.chat_choice(i, {}, None, reason)
+                        else:
+                            choice = ChunkEncoder.completion_choice(i, "", None, reason)
+                        out.append(encoder.event([choice]))
+                yield b"".join(out)
             usage = acc.usage(run.num_prompt_tokens)
             record.completion_tokens = usage.completion_tokens
             record.finish_reasons = [r or "" for r in acc.finish_reasons]
-            if include_usage:
-                cls = ChatCompletionChunk if chat else CompletionChunk
-                final = cls(id=record.request_id, created=created, model=req.model, choices=[], usage=usage)
-                yield sse_event(final)
-            yield SSE_DONE
+            tail = encoder.event([], usage.model_dump()) if req.include_usage else b""
+            yield tail + SSE_DONE_BYTES
         except APIError as exc:
             record.status, record.error = exc.status, exc.code or exc.type
             record.finish_reasons = [r or "" for r in acc.finish_reasons]
-            yield f"data: {exc.body().model_dump_json()}\n\n"
-            yield SSE_DONE
+            yield f"data: {exc.body().model_dump_json()}\n\n".encode() + SSE_DONE_BYTES
         except (asyncio.CancelledError, GeneratorExit):
             record.disconnected = True
             raise
