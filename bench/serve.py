@@ -93,19 +93,23 @@ def random_requests(
     id_range: int = 10000,
     seed: int = 0,
 ) -> list[Request]:
-    """Random prompts: token ids uniform in [0, id_range), or text (decoded ids; common words without a tokenizer)."""
-    rng = random.Random(seed)
+    """Random prompts: token ids uniform in [0, id_range), or text (decoded ids; common words without a tokenizer).
+
+    Prompts depend only on the seed and the input lengths, not on the output lengths, so that a
+    warm-up run with short outputs sends exactly the prompts of the run it warms up.
+    """
+    lengths, outputs, ids = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
     requests = []
     for _ in range(n):
-        k, out = rng.randint(*input_len), rng.randint(*output_len)
-        ids = [rng.randrange(id_range) for _ in range(k)]
+        k, out = lengths.randint(*input_len), outputs.randint(*output_len)
+        prompt = [ids.randrange(id_range) for _ in range(k)]
         if prompt_format == "ids":
-            requests.append(Request(ids, k, out))
+            requests.append(Request(prompt, k, out))
         elif tokenizer is not None:
-            text = tokenizer.decode(ids, skip_special_tokens=True)
+            text = tokenizer.decode(prompt, skip_special_tokens=True)
             requests.append(Request(text, len(tokenizer.encode(text, add_special_tokens=False)), out))
         else:
-            requests.append(Request(" ".join(rng.choice(WORDS) for _ in range(k)), k, out))
+            requests.append(Request(" ".join(WORDS[t % len(WORDS)] for t in prompt), k, out))
     return requests
 
 

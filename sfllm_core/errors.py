@@ -16,9 +16,11 @@ class InvalidRequestError(ValueError):
 class ContextLengthError(InvalidRequestError):
     """A prompt (plus the tokens requested) that does not fit the model's context."""
 
-    def __init__(self, max_context_length: int, num_prompt_tokens: int, max_tokens: int | None = None) -> None:
+    def __init__(
+        self, max_context_length: int, num_prompt_tokens: int, max_tokens: int | None = None, at_least: bool = False
+    ) -> None:
         if max_tokens is None:
-            detail = f"your prompt has {num_prompt_tokens} tokens"
+            detail = f"your prompt has {'at least ' if at_least else ''}{num_prompt_tokens} tokens"
         else:
             detail = (
                 f"you requested {num_prompt_tokens + max_tokens} tokens "

@@ -26,6 +26,7 @@ class StepOutput(msgspec.Struct, array_like=True):
     stop_token_id: int | None = None  # the stop/eos token that ended it (not part of token_ids)
     logprobs: list[TokenLogprob] | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_computed_tokens: int = 0  # tokens whose K/V the sequence held (how far an aborted prefill got)
     error: str | None = None
 
 

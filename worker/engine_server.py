@@ -97,6 +97,7 @@ class EngineServer:
         self._encode = encoder().encode
         self._decode = decoder(ToEngine).decode
         self._unannounced: dict[str, DetokParams] = {}
+        self._aborting = False  # aborts were asked for: look for their ends in the next outputs
         self._last_load = None
         self._last_load_at = 0.0
 
@@ -137,6 +138,7 @@ class EngineServer:
                     return
                 continue
             if not self._read_inbox():
+                self._aborting = True
                 self._send_outputs(engine.abort_all())
                 return
             if engine.has_work():
@@ -166,12 +168,20 @@ class EngineServer:
             elif isinstance(msg, AbortRequests):
                 for rid in msg.rids:
                     engine.abort(rid)
+                self._aborting = True
             elif isinstance(msg, Shutdown):
                 return False
 
     def _send_outputs(self, outputs: list) -> None:
         if not outputs:
             return
+        if self._aborting:
+            self._aborting = False
+            for out in outputs:
+                if out.finish_reason == "abort":  # how far it got: a prefill cut short shows here
+                    fields = {"request_id": out.request_id, "prompt_tokens": out.num_prompt_tokens}
+                    fields["computed_tokens"] = out.num_computed_tokens
+                    log.info("aborted", extra={"fields": fields})
         announce = []
         if self._unannounced:
             for out in outputs:

@@ -241,6 +241,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._engine: EngineClient | None = None
         self._info: EngineInfo | None = None
         self._tokenizer: Any = None
+        self._max_token_bytes = 0
         self._calls: dict[str, _Call] = {}
         self._idle = asyncio.Event()
         self._idle.set()
@@ -253,6 +254,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         assert engine.info is not None
         self._info = engine.info
         self._tokenizer = tokenizer
+        # No token spells more bytes than this: a text longer than context x this cannot fit, tokenized or not.
+        self._max_token_bytes = max(len(token.encode("utf-8", "surrogatepass")) for token in tokenizer.get_vocab())
         self._engine = engine
 
     def begin_drain(self) -> None:
@@ -463,6 +466,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
         tokenizer = self._tokenizer
         kind = request.WhichOneof("input")
+        if kind in ("text", "chat"):
+            # Refuse a text that cannot fit before spending seconds tokenizing megabytes of it.
+            texts = [request.text] if kind == "text" else [m.content for m in request.chat.messages]
+            size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+            assert self._info is not None
+            context = self._info.limits.max_context_length
+            if size > context * self._max_token_bytes:
+                raise ContextLengthError(context, -(-size // self._max_token_bytes), at_least=True)
         if kind == "text":
             if not request.HasField("add_special_tokens") or request.add_special_tokens:
                 ids = encode_prompt(tokenizer, request.text)

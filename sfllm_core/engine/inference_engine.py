@@ -413,6 +413,7 @@ class InferenceEngine:
             stop_token_id=seq.stop_token_id if finished else None,
             logprobs=[logprob] if logprob is not None else None,
             num_cached_tokens=seq.num_cached_tokens,
+            num_computed_tokens=seq.num_computed_tokens,
             error=error,
         )
 
