@@ -16,6 +16,9 @@ class EngineConfig:
     model_path: str | None = None
     # "dummy": random weights of the checkpoint's shapes (config.json and tokenizer only), for benchmarks.
     load_format: str = "auto"
+    # False: the engine takes token ids only and its eos ids come from the model config, a server
+    # that tokenizes adding the tokenizer's own (add_eos_token_ids); it saves loading the tokenizer twice.
+    load_tokenizer: bool = True
     served_model_name: str | None = None  # default: the checkpoint folder or file name
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
     device: str = "auto"  # auto: cuda when available

@@ -12,10 +12,11 @@ import sys
 from typing import Any
 
 import zmq
+from tokenizers import Tokenizer
 
 from sfllm_core.outputs import StepOutput, TokenLogprob
+from worker.children import child_args, die_with_parent
 from worker.detokenizer import IncrementalDetokenizer
-from worker.engine_server import die_with_parent, parse_child_args
 from worker.logs import configure_logging
 from worker.messages import Channels, DetokParams, DetokReady, StepBatch, TextBatch, TextLogprob, TextOutput, decoder
 from worker.messages import encoder as make_encoder
@@ -25,20 +26,20 @@ log = logging.getLogger("sfllm.detokenizer")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m worker.detokenizer_process ARGS`: the detokenizer process, started by the worker's front."""
-    config, channels, extra = parse_child_args(sys.argv[1:] if argv is None else argv)
-    model_path = extra["model_path"]
-    parent = os.getppid()
-    die_with_parent(parent)
-    configure_logging(config.log_level)
-    from sfllm_core.models.loader import load_tokenizer
+    """`python -m worker.detokenizer_process ARGS`: the detokenizer process, started by the worker's front.
 
+    It reads the front's own tokenizer, saved as one tokenizer.json, with tokenizers alone: no
+    transformers or torch to import, so it is up in about a second.
+    """
+    args = child_args(argv)
+    die_with_parent(args["parent_pid"])
+    configure_logging(args["log_level"])
     try:
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = Tokenizer.from_file(args["tokenizer_file"])
     except Exception:
         log.exception("the detokenizer could not load the tokenizer")
         sys.exit(1)
-    DetokenizerProcess(tokenizer, channels, parent).run()
+    DetokenizerProcess(tokenizer, Channels(**args["channels"]), args["parent_pid"]).run()
 
 
 class _RequestText:
@@ -54,7 +55,7 @@ class _RequestText:
 class DetokenizerProcess:
     """Text for every request in flight, keyed by engine request id."""
 
-    def __init__(self, tokenizer: Any, channels: Channels, parent_pid: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, channels: Channels, parent_pid: int) -> None:
         self.tokenizer = tokenizer
         self.parent_pid = parent_pid
         self._ctx = zmq.Context()
@@ -165,7 +166,7 @@ class DetokenizerProcess:
     def _decode_one(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
         if text is None:
-            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return text
 
 

@@ -8,22 +8,24 @@ owner is told (the worker then reports NOT_SERVING and exits).
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import zmq
 
+from sfllm_core.models.loader import tokenizer_eos_token_ids
 from sfllm_core.outputs import EngineLoad
 from sfllm_core.sampling_params import SamplingParams
+from worker.children import spawn
 from worker.config import WorkerConfig
-from worker.engine_server import child_args
 from worker.messages import (
     AbortRequests,
+    AddEosTokens,
     AddRequest,
     Channels,
     DetokParams,
@@ -75,13 +77,14 @@ class EngineClient:
         self._ready: asyncio.Future[EngineInfo] | None = None
         self._detok_ready: asyncio.Future[None] | None = None
         self._ctx: zmq.Context | None = None
+        self.tokenizer_eos_token_ids: list[int] = []
 
     @property
     def num_in_flight(self) -> int:
         return len(self._sinks)
 
-    async def start(self, model_path: str, served_name: str) -> EngineInfo:
-        """Start both processes and wait until the engine is built; raises EngineStartError."""
+    def start_engine(self, model_path: str, served_name: str) -> None:
+        """Bind the sockets and start the engine process (it builds the engine while the front loads the tokenizer)."""
         loop = asyncio.get_running_loop()
         self.channels = Channels.create()
         self._ctx = zmq.Context()
@@ -94,24 +97,41 @@ class EngineClient:
         self._inbox.bind(self.channels.front)
         loop.add_reader(self._inbox.getsockopt(zmq.FD), self._read)
         self._ready, self._detok_ready = loop.create_future(), loop.create_future()
+        config, channels = dataclasses.asdict(self.config), dataclasses.asdict(self.channels)
+        self._spawn("engine", "worker.engine_server", config=config, channels=channels,
+                    model_path=model_path, served_name=served_name)  # fmt: skip
+
+    def start_detokenizer(self, tokenizer: Any) -> None:
+        """Send the engine the tokenizer's eos ids; start the detokenizer on the front's tokenizer, saved to a file."""
+        self.tokenizer_eos_token_ids = tokenizer_eos_token_ids(tokenizer)
+        self._to_engine.send(self._encode(AddEosTokens(self.tokenizer_eos_token_ids)))
+        tokenizer_file = os.path.join(os.path.dirname(self.channels.front.removeprefix("ipc://")), "tokenizer.json")
+        tokenizer.backend_tokenizer.save(tokenizer_file)
+        channels = dataclasses.asdict(self.channels)
+        self._spawn("detokenizer", "worker.detokenizer_process", channels=channels,
+                    log_level=self.config.log_level, tokenizer_file=tokenizer_file)  # fmt: skip
+
+    def _spawn(self, name: str, module: str, **args: object) -> None:
         # Fresh interpreters (CUDA must start clean in the engine process), started from this, the
         # event loop's, thread: the children's parent-death signal follows the thread that forks them.
-        modules = {"engine": "worker.engine_server", "detokenizer": "worker.detokenizer_process"}
-        for name, module in modules.items():
-            args = child_args(self.config, self.channels, model_path=model_path, served_name=served_name)
-            proc = subprocess.Popen([sys.executable, "-m", module, args], stdin=subprocess.DEVNULL)
-            self._procs[name] = proc
-            threading.Thread(
-                target=self._watch, args=(loop, name, proc), name=f"sfllm-watch-{name}", daemon=True
-            ).start()
-            log.info("process started", extra={"fields": {"process": name, "pid": proc.pid}})
+        proc = spawn(module, **args)
+        self._procs[name] = proc
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=self._watch, args=(loop, name, proc), name=f"sfllm-watch-{name}", daemon=True).start()
+        log.info("process started", extra={"fields": {"process": name, "pid": proc.pid}})
+
+    async def ready(self) -> EngineInfo:
+        """Wait until the engine is built and the detokenizer listens; raises EngineStartError."""
+        assert self._ready is not None and self._detok_ready is not None
         try:
-            self.info = await self._ready
+            info = await self._ready
             await self._detok_ready
         except EngineStartError:
             await self.stop()
             raise
-        return self.info
+        info.eos_token_ids = sorted(set(info.eos_token_ids) | set(self.tokenizer_eos_token_ids))
+        self.info = info
+        return info
 
     # -- requests ------------------------------------------------------------------------------
 

@@ -6,12 +6,8 @@ start-up handshake go straight to the front. The process exits when told to (Shu
 parent dies, or when it cannot build the engine.
 """
 
-import ctypes
-import dataclasses
-import json
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -19,10 +15,12 @@ from dataclasses import replace
 import zmq
 
 from sfllm_core.errors import InvalidRequestError, QueueFullError
+from worker.children import child_args, die_with_parent
 from worker.config import WorkerConfig
 from worker.logs import configure_logging
 from worker.messages import (
     AbortRequests,
+    AddEosTokens,
     AddRequest,
     Channels,
     DetokParams,
@@ -43,34 +41,13 @@ log = logging.getLogger("sfllm.engine")
 LOAD_REPORT_INTERVAL_S = 0.02  # while busy, load reports go out at most this often (and always on idling)
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to kill this process when its parent dies (kill -9 included); elsewhere, loops poll getppid."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-    if os.getppid() != parent_pid:  # the parent died before the request took effect
-        os._exit(1)
-
-
-def child_args(config: WorkerConfig, channels: Channels, **extra: str) -> str:
-    """What a worker passes to its child processes: one JSON argument."""
-    return json.dumps({"config": dataclasses.asdict(config), "channels": dataclasses.asdict(channels), **extra})
-
-
-def parse_child_args(argv: list[str]) -> tuple[WorkerConfig, Channels, dict[str, str]]:
-    args = json.loads(argv[0])
-    return WorkerConfig(**args.pop("config")), Channels(**args.pop("channels")), args
-
-
 def main(argv: list[str] | None = None) -> None:
     """`python -m worker.engine_server ARGS`: the engine process, started by the worker's front."""
-    config, channels, extra = parse_child_args(sys.argv[1:] if argv is None else argv)
-    parent = os.getppid()
-    die_with_parent(parent)
+    args = child_args(argv)
+    die_with_parent(args["parent_pid"])
+    config, channels = WorkerConfig(**args["config"]), Channels(**args["channels"])
     configure_logging(config.log_level)
-    EngineServer(config, extra["model_path"], extra["served_name"], channels, parent).run()
+    EngineServer(config, args["model_path"], args["served_name"], channels, args["parent_pid"]).run()
 
 
 class EngineServer:
@@ -106,7 +83,10 @@ class EngineServer:
             from sfllm_core.engine.inference_engine import InferenceEngine  # heavy: torch and the model code
 
             engine_config = replace(
-                self.config.engine_config(), model_path=self.model_path, served_model_name=self.served_name
+                self.config.engine_config(),
+                model_path=self.model_path,
+                served_model_name=self.served_name,
+                load_tokenizer=False,  # the front tokenizes, and sends the tokenizer's eos ids (AddEosTokens)
             )
             self.engine = InferenceEngine(config=engine_config)
         except Exception as exc:
@@ -169,6 +149,8 @@ class EngineServer:
                 for rid in msg.rids:
                     engine.abort(rid)
                 self._aborting = True
+            elif isinstance(msg, AddEosTokens):
+                engine.add_eos_token_ids(msg.token_ids)
             elif isinstance(msg, Shutdown):
                 return False
 

@@ -1,6 +1,6 @@
 """What crosses between a worker's three processes, as msgspec structs sent over ZeroMQ (msgpack).
 
-    front (gRPC, tokenizer) ──AddRequest / AbortRequests / Shutdown──► engine process (owns the GPU)
+    front (gRPC, tokenizer) ──AddEosTokens, AddRequest / AbortRequests, Shutdown──► engine process (owns the GPU)
     engine ──StepBatch, one per engine step──► detokenizer ──TextBatch, one per batch it read──► front
     engine ──EngineReady / LoadReport / Rejected──► front
 
@@ -39,11 +39,17 @@ class AbortRequests(msgspec.Struct, tag="abort", array_like=True):
     rids: list[str]
 
 
+class AddEosTokens(msgspec.Struct, tag="eos", array_like=True):
+    """The tokenizer's end tokens, sent before any request: the engine process loads no tokenizer."""
+
+    token_ids: list[int]
+
+
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     """Abort everything and exit."""
 
 
-ToEngine = AddRequest | AbortRequests | Shutdown
+ToEngine = AddRequest | AbortRequests | AddEosTokens | Shutdown
 
 # -- engine -> detokenizer -------------------------------------------------------------------------
 

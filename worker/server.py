@@ -77,13 +77,12 @@ class WorkerServer:
         name = config.served_model_name or served_model_name(config.model, path)
         engine = self.engine = EngineClient(config)
         engine.on_failure = self._on_engine_failure
-        started = asyncio.ensure_future(engine.start(path, name))
         try:
+            engine.start_engine(path, name)
             tokenizer = await asyncio.to_thread(load_tokenizer, path)
-            info = await started
+            engine.start_detokenizer(tokenizer)
+            info = await engine.ready()
         except BaseException:
-            started.cancel()
-            await asyncio.gather(started, return_exceptions=True)
             await engine.stop()
             raise
         self.service.attach(engine, tokenizer)

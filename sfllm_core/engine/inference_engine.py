@@ -1,5 +1,6 @@
 """InferenceEngine: requests in, tokens out; offline `generate`, asyncio `stream`, thread-safe `abort`."""
 
+import contextlib
 import functools
 import logging
 import threading
@@ -20,7 +21,7 @@ from sfllm_core.engine.scheduler import ScheduledBatch, Scheduler, window_pages_
 from sfllm_core.errors import InvalidRequestError, QueueFullError
 from sfllm_core.layers.attention import AttentionBackend, TorchPagedAttention
 from sfllm_core.layers.sampler import Sampler
-from sfllm_core.models.common import assign_weights, sliding_windows
+from sfllm_core.models.common import assign_weights, sliding_windows, uninitialized_parameters
 from sfllm_core.models.loader import (
     default_eos_token_ids,
     encode_prompt,
@@ -71,7 +72,7 @@ class InferenceEngine:
         path = None if hf_config is not None and config.model_path is None else resolve_model_path(config.model_path)
         self.model_config = hf_config if hf_config is not None else load_model_config(path)
         self.model_name = config.served_model_name or served_model_name(config.model_path, path)
-        self.tokenizer = load_tokenizer(path) if path is not None else None
+        self.tokenizer = load_tokenizer(path) if path is not None and config.load_tokenizer else None
         self.vocab_size = self.model_config.vocab_size
         self.eos_token_ids = set(default_eos_token_ids(self.model_config, self.tokenizer))
         self.model = self._build_model(path)
@@ -112,14 +113,16 @@ class InferenceEngine:
 
     def _build_model(self, path: str | None) -> torch.nn.Module:
         cls = model_class(self.model_config)
+        loading = path is not None and self.config.load_format != "dummy"
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
-            with torch.device(self.device):
+            # A checkpoint overwrites every parameter: filling them at random first only costs time.
+            with torch.device(self.device), uninitialized_parameters() if loading else contextlib.nullcontext():
                 model = cls(self.model_config)
         finally:
             torch.set_default_dtype(previous)
-        if path is not None and self.config.load_format != "dummy":
+        if loading:
             tied = bool(getattr(self.model_config, "tie_word_embeddings", False))
             assign_weights(model, load_weights(path, self.dtype), tied)
         # Loading needs the checkpoint's separate q/k/v and gate/up tensors; serving wants one GEMM each.
@@ -246,6 +249,11 @@ class InferenceEngine:
                     self.scheduler.finish(seq, "abort")
                     outputs.append(self._output(seq, [], None, finished=True))
         return outputs
+
+    def add_eos_token_ids(self, token_ids: list[int]) -> None:
+        """More ids that end generation (a server's tokenizer's eos and end-of-turn tokens); thread-safe."""
+        with self._cv:
+            self.eos_token_ids = self.eos_token_ids | set(token_ids)
 
     def has_work(self) -> bool:
         with self._cv:

@@ -1,6 +1,7 @@
 """What the model files share: the forward context, rope settings from a config, weight assignment."""
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,27 @@ def sliding_windows(config) -> list[int | None]:
     layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
     return [window if t == "sliding_attention" and window else None for t in layer_types]
+
+
+# What torch's layers call from reset_parameters to fill new parameters.
+_INIT_FUNCTIONS = ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_", "xavier_uniform_", "zeros_", "ones_")
+
+
+@contextlib.contextmanager
+def uninitialized_parameters() -> Iterator[None]:
+    """Build modules without filling their parameters (random init of Gemma 270M took 2.3 s of 8.4 on 2 cores).
+
+    Only for models whose every parameter a checkpoint then overwrites: assign_weights refuses to
+    leave any out. Buffers computed in __init__ (rotary tables) are built as usual.
+    """
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in saved:
+            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(nn.init, name, function)
 
 
 def assign_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor, str]], tied: bool) -> None:

@@ -180,13 +180,18 @@ def default_eos_token_ids(
     config: PretrainedConfig, tokenizer: transformers.PreTrainedTokenizerBase | None
 ) -> list[int]:
     """Every token id that ends generation: the config's eos ids, the tokenizer's eos, and end-of-turn tokens."""
-    ids: list[int] = []
+    ids: list[int | None] = []
     eos = getattr(config, "eos_token_id", None)
     ids.extend(eos if isinstance(eos, list | tuple) else [eos])
-    if tokenizer is not None:  # None: a random-weight engine built from a config alone
-        ids.append(tokenizer.eos_token_id)
-        vocab = tokenizer.get_vocab()
-        ids.extend(vocab.get(token) for token in _END_OF_TURN_TOKENS)
+    if tokenizer is not None:  # None: an engine without one (random weights from a config; a server's engine)
+        ids.extend(tokenizer_eos_token_ids(tokenizer))
+    return sorted({i for i in ids if i is not None})
+
+
+def tokenizer_eos_token_ids(tokenizer: transformers.PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's part of default_eos_token_ids: its eos and the end-of-turn tokens it knows."""
+    vocab = tokenizer.get_vocab()
+    ids = [tokenizer.eos_token_id, *(vocab.get(token) for token in _END_OF_TURN_TOKENS)]
     return sorted({i for i in ids if i is not None})
 
 

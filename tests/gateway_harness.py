@@ -18,7 +18,7 @@ from gateway.app import create_app
 from gateway.config import GatewayConfig
 from worker.client import WorkerClient
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
 
 
