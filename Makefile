@@ -9,7 +9,7 @@ WORKER_PORT ?= 50051
 METRICS_PORT ?= 9400
 MODEL ?=
 
-.PHONY: install run test test-gpu lint proto bench-cpu bench-gateway clean
+.PHONY: install run test test-gpu lint proto bench-cpu bench-gateway bench-serve clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ bench-cpu: install
 
 bench-gateway: install
 	$(PY) bench/gateway_overhead.py
+
+# Against a running stack (make run): the gateway's OpenAI API on $(HOST):$(PORT).
+bench-serve: install
+	$(PY) bench/serve.py --base-url http://$(HOST):$(PORT)/v1 --num-prompts 200 --input-len 64:512 \
+	  --output-len 32:128 --max-concurrency 16 --json bench_serve.json --plot bench_serve.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
