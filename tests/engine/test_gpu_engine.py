@@ -19,6 +19,25 @@ def _engines(path: str, dtype: str, **kw) -> tuple[InferenceEngine, InferenceEng
     return fast, plain
 
 
+def assert_agree_until_a_near_tie(ours, ref, gap: float, logprob_tol: float) -> int:
+    """Greedy outputs of two summation orders: equal up to where they part, and parting only at a near-tie.
+
+    Until they part, each token's logprob agrees within logprob_tol. Where they part, our token is
+    one of the reference's top two and those two are within `gap` of each other (a tie flipped by
+    rounding); after that the continuations differ and are not compared. Returns where they part.
+    """
+    agree = next((i for i, (x, y) in enumerate(zip(ours.token_ids, ref.token_ids)) if x != y), len(ours.token_ids))
+    for i in range(min(agree, len(ours.logprobs), len(ref.logprobs))):
+        a, b = ours.logprobs[i], ref.logprobs[i]
+        assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < logprob_tol, f"token {i}: {a} vs {b}"
+    if agree < len(ref.token_ids):
+        (first, lp1), (second, lp2) = ref.logprobs[agree].top[:2]
+        print(f"  parted at {agree}: reference top-2 logprobs {lp1:.4f} vs {lp2:.4f}; ours {ours.logprobs[agree].top}")
+        assert ours.token_ids[agree] in (first, second), f"parted at token {agree} on a token outside the top 2"
+        assert lp1 - lp2 <= gap, f"parted at token {agree}, where the reference's top two are {lp1 - lp2:.4f} apart"
+    return agree
+
+
 def _prompts(vocab: int, lengths: list[int]) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
@@ -45,12 +64,9 @@ def test_tiny_models_bfloat16_agree(which, qwen3_path, gemma3_path):
     prompts = _prompts(fast.vocab_size, [19, 5, 33, 12, 1, 27, 8, 40, 64, 3])
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2)
     for a, b in zip(fast.generate(prompts, params), plain.generate(prompts, params)):
-        agree = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
+        # bf16 logits of these tiny models are small: one bf16 step of them is well under 0.1.
+        agree = assert_agree_until_a_near_tie(a, b, gap=0.1, logprob_tol=0.1)
         print(f"{which} bf16: agree on {agree}/24 tokens")
-        if agree < 16:
-            (first, lp1), (second, lp2) = b.logprobs[agree].top
-            print(f"  parted at {agree}: reference top-2 logprobs {lp1:.4f} vs {lp2:.4f}")
-            assert a.token_ids[agree] in (first, second) and lp1 - lp2 < 0.1
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -75,17 +91,16 @@ def test_gemma270m_triton_graphs_against_torch_path(dtype):
     ours = fast.generate(prompts, params)
     ref = plain.generate(prompts, params)
     for a, b in zip(ours, ref):
-        agree = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids))
-        print(f"{dtype}: agree on {agree}/32 tokens: {a.text!r}")
         if dtype == "float32":
             assert a.token_ids == b.token_ids
-        elif agree < 16:
+            # Triton's tl.dot runs float32 as TF32: logprobs of logits up to ~30 agree to ~1e-2.
+            agree = assert_agree_until_a_near_tie(a, b, gap=0.0, logprob_tol=2e-2)
+        else:
             # bf16 sums in a different order on the two paths; they may part only where the
             # reference's top two candidates are within one bf16 step of the logits (0.125 for
             # logits between 16 and 32; seen on an H200: an exact tie, and one step apart).
-            (first, lp1), (second, lp2) = b.logprobs[agree].top
-            print(f"  parted at {agree}: reference top-2 logprobs {lp1:.4f} vs {lp2:.4f}; ours {a.logprobs[agree].top}")
-            assert a.token_ids[agree] in (first, second) and lp1 - lp2 <= 0.126, f"parted at token {agree}"
+            agree = assert_agree_until_a_near_tie(a, b, gap=0.126, logprob_tol=0.25)
+        print(f"{dtype}: agree on {agree}/32 tokens: {a.text!r}")
 
 
 @pytest.mark.parametrize("which", ["qwen3", "gemma3"])
