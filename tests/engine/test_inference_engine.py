@@ -1,6 +1,7 @@
 """InferenceEngine end to end on tiny real checkpoints: batching, chunking, preemption, accounting, errors."""
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -183,20 +184,29 @@ def test_stream_yields_tokens_and_cancel_frees_pages(qwen3_path):
         assert last.finished and last.finish_reason == "length"
         assert tokens == expected
 
-        async def consume_forever():
-            async for _ in engine.stream(prompt, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)):
-                pass
+        received = [0] * 4
 
-        tasks = [asyncio.create_task(consume_forever()) for _ in range(4)]
-        await asyncio.sleep(0.3)
-        assert engine.get_load().num_running > 0
+        async def consume_forever(i):
+            async for out in engine.stream(prompt, SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)):
+                received[i] += len(out.token_ids)
+
+        async def wait_for(condition, what):
+            deadline = time.monotonic() + 60
+            while not condition():
+                assert time.monotonic() < deadline, f"timed out waiting for {what}: {engine.get_load()}"
+                await asyncio.sleep(0.01)
+
+        tasks = [asyncio.create_task(consume_forever(i)) for i in range(4)]
+        # All four decoding (each has had a token) before the cancel, so the cancel must free real pages.
+        await wait_for(lambda: min(received) > 0 and engine.get_load().num_running == 4, "four running streams")
+        assert engine.get_load().kv_pages_used > 0
+        streamed = list(engine._seqs.values())
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for _ in range(100):
-            if engine.get_load().kv_pages_used == 0 and not engine.has_work():
-                break
-            await asyncio.sleep(0.02)
+        await wait_for(lambda: engine.get_load().kv_pages_used == 0 and not engine.has_work(), "the pages to be freed")
+        # Freed by the cancel, not by running to max_tokens.
+        assert [seq.finish_reason for seq in streamed] == ["abort"] * 4
         with pytest.raises(InvalidRequestError):
             async for _ in engine.stream([], GREEDY):
                 pass

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from sfllm_core.engine.inference_engine import InferenceEngine
 from sfllm_core.engine.memory_pool import MemoryPool
+from sfllm_core.sampling_params import SamplingParams
 
 
 def _pool(num_pages=8, page_size=4, prefix=True) -> MemoryPool:
@@ -133,3 +135,75 @@ def test_prefix_match_needs_the_companions_of_its_last_window():
     assert len(matched) < 5
     start = pool.window_start(len(matched) * pool.page_size)
     assert all(p in pool._companion for p in matched[start:])
+
+
+def _step(engine: InferenceEngine, tokens: dict[str, list[int]], reasons: dict[str, str]) -> None:
+    """One engine step; each request's tokens and finish reason are collected from its outputs."""
+    for out in engine.step():
+        tokens.setdefault(out.request_id, []).extend(out.token_ids)
+        if out.finished:
+            reasons[out.request_id] = out.finish_reason
+
+
+def _run_to_end(engine: InferenceEngine, tokens: dict[str, list[int]], reasons: dict[str, str]) -> None:
+    while engine.has_work():
+        _step(engine, tokens, reasons)
+
+
+@pytest.mark.parametrize("aborted", ["owner", "sharer"])
+def test_aborting_one_of_two_requests_sharing_a_prefix_frees_exactly_its_references(qwen3_path, aborted):
+    """The owner's prefill publishes four full pages; the sharer takes them by reference; one is aborted mid-decode."""
+    page_size, max_tokens = 4, 12
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    shared = torch.randint(3, 384, (4 * page_size,), generator=torch.Generator().manual_seed(3)).tolist()
+    prompts = {"owner": shared + [5, 6, 7], "sharer": shared + [9, 10]}
+    alone = InferenceEngine(model_path=str(qwen3_path), dtype="float32", device="cpu", enable_prefix_caching=False)
+    expected = {rid: alone.generate([prompt], params)[0].token_ids for rid, prompt in prompts.items()}
+
+    engine = InferenceEngine(model_path=str(qwen3_path), dtype="float32", device="cpu", page_size=page_size)
+    pool = engine.pool
+    assert pool.enable_prefix_caching
+    tokens: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+
+    def step() -> None:
+        _step(engine, tokens, reasons)
+
+    engine.add_request("owner", prompts["owner"], params)
+    step()  # the owner's whole prompt: its four full pages are published
+    engine.add_request("sharer", prompts["sharer"], params)
+    step()
+    owner, sharer = engine._seqs["owner"], engine._seqs["sharer"]
+    shared_pages = owner.pages[:4]
+    assert sharer.num_cached_tokens == 4 * page_size and sharer.pages[:4] == shared_pages
+    assert [pool.ref_counts[p] for p in shared_pages] == [2] * 4
+    own_pages = {rid: set(seq.pages) - set(shared_pages) for rid, seq in (("owner", owner), ("sharer", sharer))}
+    for _ in range(3):
+        step()
+    assert all(0 < len(tokens[rid]) < max_tokens for rid in prompts), tokens  # both mid-decode
+
+    engine.abort(aborted)
+    step()
+    survivor = "sharer" if aborted == "owner" else "owner"
+    assert reasons == {aborted: "abort"}
+    # The survivor still holds the shared pages, once; the aborted one's own pages hold nothing.
+    assert [pool.ref_counts[p] for p in shared_pages] == [1] * 4
+    assert all(pool.ref_counts[p] == 0 for p in own_pages[aborted])
+    assert all(pool.ref_counts[p] == 1 for p in own_pages[survivor])
+    assert pool.num_used_pages == len(engine._seqs[survivor].pages)
+    _run_to_end(engine, tokens, reasons)
+
+    assert reasons == {aborted: "abort", survivor: "length"}
+    assert tokens[survivor] == expected[survivor]
+    assert tokens[aborted] == expected[aborted][: len(tokens[aborted])]
+    assert pool.ref_counts == [0] * pool.num_pages
+    assert pool.num_used_pages == 0 and pool.num_free_pages == pool.num_pages
+    assert not engine.scheduler.running and not engine.scheduler.waiting and not engine._seqs
+
+    # Free, yet still cached (evictable): the next request with the prefix reuses all four pages.
+    engine.add_request("again", prompts[aborted], params)
+    again = engine._inbox[-1][1]
+    _run_to_end(engine, tokens, reasons)
+    assert again.num_cached_tokens == 4 * page_size
+    assert tokens["again"] == expected[aborted] and reasons["again"] == "length"
+    assert pool.ref_counts == [0] * pool.num_pages and pool.num_used_pages == 0

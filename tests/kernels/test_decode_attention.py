@@ -158,12 +158,58 @@ def test_decode_empty_sequence_gives_zeros(make_paged_batch, device):
         assert (out[1] == 0).all()
 
 
+def _dense_decode(q, k_cache, v_cache, page_table, seq_lens, page_size, scale, window):
+    """Plain float64 softmax(q k^T * scale) v of each sequence's one query (at position len - 1) over its keys."""
+    group = q.shape[1] // k_cache.shape[1]
+    out = []
+    for i, length in enumerate(seq_lens):
+        pos = torch.arange(length)
+        slots = page_table[i, pos // page_size].long() * page_size + pos % page_size
+        keys = k_cache[slots].double().repeat_interleave(group, dim=1)  # [L, Hq, D]: head h reads kv head h // group
+        values = v_cache[slots].double().repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,lhd->hl", q[i].double(), keys) * scale
+        if window is not None:
+            scores[:, : max(0, length - window)] = float("-inf")
+        out.append(torch.einsum("hl,lhd->hd", torch.softmax(scores, dim=-1), values))
+    return torch.stack(out)
+
+
 def test_num_splits_depends_only_on_host_constants():
     cpu = torch.device("cpu")
     assert decode_num_splits(1, 8, 1, cpu) == 1
     assert decode_num_splits(1, 1, 32768, cpu) > 1
     assert decode_num_splits(256, 8, 32768, cpu) == 1
-    assert decode_num_splits(4, 2, 4096, cpu) == decode_num_splits(4, 2, 4096, cpu)
+    # No split shorter than the minimum chunk: a short context is never split, 1024 tokens at most 4 ways.
+    assert decode_num_splits(1, 1, 100, cpu) == 1
+    assert decode_num_splits(1, 1, 1024, cpu) == 4
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_split_count_from_host_constants_serves_every_length_up_to_the_context(
+    make_paged_batch, poisoned_like, device, window
+):
+    # A captured decode graph fixes the split count from host constants (batch, kv heads, the longest
+    # context) and replays it with each step's lengths, read from device memory: the same buffers,
+    # the lengths rewritten in place, must give plain attention over each sequence's keys every time.
+    batch, num_heads, num_kv_heads, head_dim, page_size = 2, 4, 1, 16, 16
+    num_splits = decode_num_splits(batch, num_kv_heads, 1024, device)
+    assert num_splits > 1
+    dtype, atol = _small_dtype(device)
+    q, k_cache, v_cache, meta = make_paged_batch(
+        [320] * batch, [1] * batch, num_heads, num_kv_heads, head_dim, page_size, dtype, device, seed=11
+    )
+    scale = head_dim**-0.5
+    seq_lens, out = meta.seq_lens, poisoned_like(q)
+    for lengths in ([320, 320], [1, 300], [17, 5], [256, 129], [320, 2]):
+        seq_lens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        out.fill_(float("nan"))
+        decode_attention(q, k_cache, v_cache, meta.page_table, seq_lens, out, page_size, scale, window, num_splits)
+        expected = _dense_decode(
+            q.cpu(), k_cache.cpu(), v_cache.cpu(), meta.page_table.cpu(), lengths, page_size, scale, window
+        )
+        torch.testing.assert_close(
+            out.cpu().double(), expected, atol=atol, rtol=0, msg=lambda m, n=lengths: f"{n}: {m}"
+        )
 
 
 # (num_heads, num_kv_heads, head_dim, page_size, sliding_window): Qwen3-0.6B, Qwen3-8B, Gemma3 shapes

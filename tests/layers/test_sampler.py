@@ -1,5 +1,7 @@
 """Sampler behaviour on hand-made logits."""
 
+import math
+
 import pytest
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
@@ -32,10 +34,21 @@ def test_greedy_is_argmax():
     assert Sampler()(logits, [_seq(temperature=0.0) for _ in range(5)])[0] == logits.argmax(-1).tolist()
 
 
-def test_temperature_sampling_follows_softmax():
-    freq = _draws(dict(temperature=1.0), LOGITS, n=4000)
-    expected = torch.softmax(LOGITS[0], -1)
-    assert (freq - expected).abs().max() < 0.03
+# Weissman et al. (2003): for n draws from a k-outcome distribution p, the empirical p_hat obeys
+# P(||p_hat - p||_1 >= eps) <= (2^k - 2) exp(-n eps^2 / 2). Solving for a 1e-6 false-failure rate:
+_DRAWS = 20000
+_L1_BOUND = math.sqrt(2 * math.log((2 ** LOGITS.shape[-1] - 2) / 1e-6) / _DRAWS)  # ~0.042
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_temperature_sampling_follows_softmax_of_scaled_logits(temperature):
+    expected = torch.softmax(LOGITS[0].double() / temperature, -1)
+    # The bound separates this temperature from the others: sampling at a wrong one must fail.
+    for other in {0.5, 1.0, 2.0} - {temperature}:
+        assert (torch.softmax(LOGITS[0].double() / other, -1) - expected).abs().sum() > 4 * _L1_BOUND
+    freq = _draws(dict(temperature=temperature), LOGITS, n=_DRAWS).double()
+    distance = (freq - expected).abs().sum().item()
+    assert distance < _L1_BOUND, f"T={temperature}: L1 {distance:.4f} from softmax(logits / T), {freq.tolist()}"
 
 
 def test_top_k_top_p_min_p_restrict_the_support():

@@ -15,6 +15,7 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from protos.sfllm.v1 import worker_pb2 as pb
+from sfllm_core.sampling_params import SamplingParams
 from worker.client import WorkerClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +29,7 @@ def _wait_health(client: WorkerClient, status: str, timeout: float = 10.0) -> No
         time.sleep(0.01)
 
 
-def test_not_serving_while_loading_then_serving(make_worker):
+def test_not_serving_while_loading_then_serving(make_worker, reference_engine):
     worker = make_worker(load=False)
     with WorkerClient(worker.target, timeout=30) as client:
         assert client.health() == "NOT_SERVING"
@@ -38,7 +39,10 @@ def test_not_serving_while_loading_then_serving(make_worker):
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in info.value.details()
         worker.load(timeout=120)
         assert client.health() == "SERVING" and client.health("sfllm.v1.Worker") == "SERVING"
-        assert client.generate(PROMPT, max_tokens=2).finish_reason is not None
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        expected = reference_engine.generate([reference_engine.encode(PROMPT)], params)[0].token_ids
+        served = client.generate(PROMPT, max_tokens=4, temperature=0, ignore_eos=True)
+        assert (served.finish_reason, served.token_ids) == ("length", expected)
 
 
 def test_reflection_lists_and_describes_the_services(worker):
@@ -57,17 +61,21 @@ def test_drain_keeps_streams_going_and_refuses_new_work(make_worker):
         for stream in streams:
             assert next(stream).HasField("prompt")
         drained = worker.drain(timeout=30)
+        # Whenever the drain completes, no engine request of the streams may still be in flight. The
+        # callback runs on the worker's loop as the drain completes (or here, at once, if it already has).
+        in_flight_when_drained: list[int] = []
+        drained.add_done_callback(lambda _: in_flight_when_drained.append(worker.server.engine.num_in_flight))
         _wait_health(client, "NOT_SERVING")
         assert client.health("sfllm.v1.Worker") == "NOT_SERVING"
         with pytest.raises(grpc.RpcError) as info:
             client.generate(PROMPT, max_tokens=2)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in info.value.details()
-        assert not drained.done()
         for stream in streams:
             rest = list(stream)
             assert rest[-1].finished.finish_reason == pb.FINISH_REASON_LENGTH
             assert sum(len(r.delta.token_ids) for r in rest) == 30
         drained.result(timeout=10)
+        assert in_flight_when_drained == [0], "the drain completed while streams were still in flight"
 
 
 def test_drain_that_runs_out_of_time_aborts_the_rest(make_worker):

@@ -213,8 +213,15 @@ INVALID = [
 ]
 
 
+@pytest.fixture(scope="module")
+def short_greedy(reference_engine) -> list[int]:
+    """The engine's 4 greedy tokens for PROMPT (eos ignored): what a worker that still serves answers."""
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    return reference_engine.generate([reference_engine.encode(PROMPT)], params)[0].token_ids
+
+
 @pytest.mark.parametrize("field,request_", INVALID, ids=[f"{f}-{i}" for i, (f, _) in enumerate(INVALID)])
-def test_invalid_fields_are_invalid_argument_naming_the_field(client, field, request_, caplog):
+def test_invalid_fields_are_invalid_argument_naming_the_field(client, short_greedy, field, request_, caplog):
     caplog.set_level(logging.INFO, logger="sfllm.worker")
     with pytest.raises(grpc.RpcError) as info:
         client.generate(request=request_)
@@ -223,8 +230,9 @@ def test_invalid_fields_are_invalid_argument_naming_the_field(client, field, req
     assert field in error.details()
     param = dict(error.trailing_metadata()).get("sfllm-error-param", "")
     assert field.split(".")[-1] in param
-    # ... and the worker keeps serving.
-    assert client.generate(PROMPT, max_tokens=2, temperature=0).finish_reason is not None
+    # ... and the worker keeps serving: a whole completion, token for token the engine's.
+    after = client.generate(PROMPT, max_tokens=4, temperature=0, ignore_eos=True)
+    assert (after.finish_reason, after.token_ids) == ("length", short_greedy)
 
 
 def test_prompt_over_the_context_names_the_maximum_context_length(client):
