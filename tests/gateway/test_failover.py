@@ -48,39 +48,66 @@ def routed_delta(gateway: GatewayServer, before: dict[str, float]) -> dict[str, 
     return {worker: after.get(worker, 0) - before.get(worker, 0) for worker in after}
 
 
+def worker_failed_retries(gateway: GatewayServer) -> float:
+    return gateway.metrics().get(("sfllm_gateway:request_retries_total", (("reason", "worker_failed"),)), 0.0)
+
+
+def aim_round_robin_at(gateway: GatewayServer, worker: WorkerProcess, model_name: str) -> None:
+    """Send requests until one lands on the other worker: round robin over two then picks `worker` next."""
+    client = gateway.client()
+    for _ in range(2):
+        before = gateway.routed()
+        client.completions.create(model=model_name, prompt="aim", max_tokens=1)
+        if routed_delta(gateway, before)[worker.target] == 0:
+            return
+    raise AssertionError(f"round robin sent two requests in a row to {worker.target}")
+
+
 def test_a_worker_dead_before_the_first_token_is_retried_invisibly(
     restartable: list[WorkerProcess], model_name: str
 ) -> None:
     victim, survivor = restartable
-    # health checks only every 30 s: the gateway learns of the death from the requests themselves
-    gw = GatewayServer(gateway_config([w.target for w in restartable], health_interval_s=30)).start()
+    # The first failure ejects the victim, so each path (non-streamed, streamed) gets a gateway of its own,
+    # aimed at the victim. Health checks only every 30 s: the gateways learn of the death from the requests.
+    gateways: dict[bool, GatewayServer] = {}
     try:
-        gw.wait_healthy(2)
-        client = gw.client()
+        for stream in (False, True):
+            config = gateway_config([w.target for w in restartable], health_interval_s=30)
+            gw = gateways[stream] = GatewayServer(config).start()
+            gw.wait_healthy(2)
+            aim_round_robin_at(gw, victim, model_name)
         victim.kill()
-        for stream in (False, True, False, True):
+        for stream, gw in gateways.items():
+            client = gw.client()
+            before, retries_before = gw.routed(), worker_failed_retries(gw)
             if stream:
                 chunks = list(client.completions.create(model=model_name, prompt=PROMPT, max_tokens=4, stream=True))
-                assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+                text, finish = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
             else:
                 reply = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=4)
-                assert reply.choices[0].finish_reason in ("stop", "length")
-        retries = gw.metrics()[("sfllm_gateway:request_retries_total", (("reason", "worker_failed"),))]
-        assert retries >= 1
-        before = gw.routed()
-        for _ in range(6):
-            client.completions.create(model=model_name, prompt=PROMPT, max_tokens=2)
-        assert routed_delta(gw, before) == {victim.target: 0, survivor.target: 6}
+                text, finish = reply.choices[0].text, reply.choices[0].finish_reason
+            assert finish in ("stop", "length"), f"stream={stream}: {text!r}"
+            # tried on the dead worker first, then served by the survivor: one retry the client never saw
+            assert routed_delta(gw, before) == {victim.target: 1, survivor.target: 1}, f"stream={stream}"
+            assert worker_failed_retries(gw) - retries_before == 1, f"stream={stream}"
+
+        for gw in gateways.values():  # ejected at once, the victim gets nothing more
+            before = gw.routed()
+            for _ in range(6):
+                gw.client().completions.create(model=model_name, prompt=PROMPT, max_tokens=2)
+            assert routed_delta(gw, before) == {victim.target: 0, survivor.target: 6}
 
         victim.start()
         victim.wait_serving()
-        gw.wait_healthy(2, timeout=10)  # re-admitted by its health check
-        before = gw.routed()
-        for _ in range(10):
-            client.completions.create(model=model_name, prompt=PROMPT, max_tokens=2)
-        assert routed_delta(gw, before) == {victim.target: 5, survivor.target: 5}
+        for gw in gateways.values():
+            gw.wait_healthy(2, timeout=10)  # re-admitted by its health check
+            before = gw.routed()
+            for _ in range(10):
+                gw.client().completions.create(model=model_name, prompt=PROMPT, max_tokens=2)
+            assert routed_delta(gw, before) == {victim.target: 5, survivor.target: 5}
     finally:
-        gw.stop()
+        for gw in gateways.values():
+            gw.stop()
 
 
 def test_killing_a_worker_mid_load(restartable: list[WorkerProcess], gateway: GatewayServer, model_name: str) -> None:

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import openai
+import pytest
 from gateway_harness import REPO, WorkerProcess, free_port
 
 
@@ -39,10 +40,10 @@ def test_cli_serves_logs_and_stops(workers: list[WorkerProcess], model_name: str
             model=model_name, messages=[{"role": "user", "content": secret}], max_tokens=3
         )
         assert reply.choices[0].message.content is not None
-        try:
+        with pytest.raises(openai.NotFoundError) as missing:
             client.completions.create(model="missing", prompt=secret, max_tokens=3)
-        except openai.NotFoundError:
-            pass
+        assert missing.value.status_code == 404
+        assert missing.value.code == "model_not_found" and missing.value.param == "model"
     finally:
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=60)

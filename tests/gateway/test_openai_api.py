@@ -1,14 +1,20 @@
 """The OpenAI API through the official `openai` SDK: a real gateway in front of two real workers."""
 
+import asyncio
 import json
+import time
 
 import httpx
 import openai
 import pytest
-from gateway_harness import API_KEY, GatewayServer
+from gateway_harness import API_KEY, GatewayServer, WorkerProcess
+
+from worker.client import WorkerClient
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Count to five."}]
 PROMPT = "The quick brown fox"
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def test_models_list(client: openai.OpenAI, model_name: str) -> None:
@@ -152,7 +158,14 @@ def test_sse_wire_format(gateway: GatewayServer, model_name: str) -> None:
     assert all(p["usage"] is None for p in payloads[:-1])
 
 
-def test_logprobs(client: openai.OpenAI, model_name: str) -> None:
+def test_logprobs(client: openai.OpenAI, model_name: str, workers: list[WorkerProcess]) -> None:
+    """The gateway relays the worker's own logprobs: the same tokens and values as a direct Generate call."""
+    sampling = {"max_tokens": 4, "temperature": 0, "ignore_eos": True, "logprobs": True, "top_logprobs": 2}
+    with WorkerClient(workers[0].target, timeout=60) as worker:
+        direct_chat = worker.generate(messages=MESSAGES, **sampling).choices[0].logprobs
+        direct_text = worker.generate(PROMPT, add_special_tokens=True, **sampling).choices[0].logprobs
+    assert len(direct_chat) == 4 and len(direct_text) == 4
+
     reply = client.chat.completions.create(
         model=model_name,
         messages=MESSAGES,
@@ -163,13 +176,27 @@ def test_logprobs(client: openai.OpenAI, model_name: str) -> None:
         extra_body={"ignore_eos": True},
     )
     content = reply.choices[0].logprobs.content  # type: ignore[union-attr]
-    assert content is not None and len(content) == 4
-    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+    assert content is not None
+    assert [t.token for t in content] == [lp.token for lp in direct_chat]
+    assert [t.logprob for t in content] == pytest.approx([lp.logprob for lp in direct_chat], abs=1e-6)
+    for relayed, own in zip(content, direct_chat, strict=True):
+        assert relayed.bytes == list(own.token.encode("utf-8"))
+        assert [t.token for t in relayed.top_logprobs] == [t.token for t in own.top_logprobs]
+        assert [t.logprob for t in relayed.top_logprobs] == pytest.approx(
+            [t.logprob for t in own.top_logprobs], abs=1e-6
+        )
+
     legacy = client.completions.create(
-        model=model_name, prompt=PROMPT, max_tokens=3, logprobs=2, extra_body={"ignore_eos": True}
+        model=model_name, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2, extra_body={"ignore_eos": True}
     )
-    lp = legacy.choices[0].logprobs
-    assert lp is not None and len(lp.tokens) == 3 and len(lp.top_logprobs) == 3  # type: ignore[arg-type]
+    relayed_text = legacy.choices[0].logprobs
+    assert relayed_text is not None
+    assert relayed_text.tokens == [t.token for t in direct_text]
+    assert relayed_text.token_logprobs == pytest.approx([t.logprob for t in direct_text], abs=1e-6)
+    assert relayed_text.top_logprobs == [
+        pytest.approx({top.token: top.logprob for top in t.top_logprobs}, abs=1e-6) for t in direct_text
+    ]
+    assert relayed_text.text_offset == [sum(len(t.token) for t in direct_text[:i]) for i in range(4)]
 
 
 def test_token_id_prompt(client: openai.OpenAI, model_name: str) -> None:
@@ -179,35 +206,82 @@ def test_token_id_prompt(client: openai.OpenAI, model_name: str) -> None:
     assert reply.usage.prompt_tokens == 4 and reply.usage.completion_tokens == 3  # type: ignore[union-attr]
 
 
-def test_health_and_metrics(gateway: GatewayServer) -> None:
+def counter_deltas(before: Samples, after: Samples, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """How far each labelled sample of `name` moved (samples that did not move are left out)."""
+    moved = {labels: value - before.get((n, labels), 0.0) for (n, labels), value in after.items() if n == name}
+    return {labels: change for labels, change in moved.items() if change}
+
+
+def test_health_and_metrics(gateway: GatewayServer, workers: list[WorkerProcess], model_name: str) -> None:
+    client = gateway.client()
+    before = gateway.metrics()
+    whole = client.completions.create(
+        model=model_name, prompt=PROMPT, max_tokens=3, temperature=0, extra_body={"ignore_eos": True}
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=model_name,
+            messages=MESSAGES,
+            max_tokens=5,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     health = httpx.get(gateway.url + "/health")
     assert health.status_code == 200 and health.json()["healthy_workers"] == 2
-    samples = gateway.metrics()
-    names = {name for name, _ in samples}
-    for expected in (
-        "sfllm_gateway:requests_total",
-        "sfllm_gateway:time_to_first_token_seconds_bucket",
-        "sfllm_gateway:e2e_request_latency_seconds_bucket",
-        "sfllm_gateway:worker_requests_in_flight",
-        "sfllm_gateway:worker_healthy",
-    ):
-        assert expected in names
+    usages = [u for u in (whole.usage, chunks[-1].usage) if u is not None]
+    assert [u.completion_tokens for u in usages] == [3, 5]
+
+    # requests_total moves last, once a response is sent (after the request's other metrics), and may
+    # trail the client a little: wait until all three requests are counted, then check every metric
+    answered = [
+        (("endpoint", path), ("status", "200")) for path in ("/v1/completions", "/v1/chat/completions", "/health")
+    ]
+    deadline = time.monotonic() + 10
+    while True:
+        after = gateway.metrics()
+        requests = counter_deltas(before, after, "sfllm_gateway:requests_total")
+        if all(labels in requests for labels in answered):
+            break
+        assert time.monotonic() < deadline, f"the requests were never all counted: {requests}"
+        time.sleep(0.05)
+    assert [requests[labels] for labels in answered] == [1, 1, 1]
+    assert counter_deltas(before, after, "sfllm_gateway:prompt_tokens_total") == {
+        (): sum(u.prompt_tokens for u in usages)
+    }
+    assert counter_deltas(before, after, "sfllm_gateway:generation_tokens_total") == {(): 3 + 5}
+    for histogram in ("time_to_first_token_seconds", "e2e_request_latency_seconds"):
+        observed = counter_deltas(before, after, f"sfllm_gateway:{histogram}_count")
+        assert observed == {(("endpoint", "completions"),): 1, (("endpoint", "chat"),): 1}, histogram
+    for worker in workers:
+        assert after[("sfllm_gateway:worker_healthy", (("worker", worker.target),))] == 1
+        assert after[("sfllm_gateway:worker_requests_in_flight", (("worker", worker.target),))] == 0
+    assert after[("sfllm_gateway:num_requests_running", ())] == 0
+    assert counter_deltas(before, after, "sfllm_gateway:worker_ejections_total") == {}
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_async_client(gateway: GatewayServer, model_name: str, stream: bool) -> None:
-    import asyncio
+def test_async_client(client: openai.OpenAI, gateway: GatewayServer, model_name: str) -> None:
+    """The async SDK, streamed or not, gets the same greedy text as the sync SDK."""
+    args = {
+        "model": model_name,
+        "prompt": PROMPT,
+        "max_tokens": 4,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    expected = client.completions.create(**args).choices[0].text  # type: ignore[call-overload]
+    assert expected
 
-    async def main() -> str:
-        async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=API_KEY, max_retries=0) as client:
-            if not stream:
-                reply = await client.completions.create(model=model_name, prompt=PROMPT, max_tokens=4, temperature=0)
-                return reply.choices[0].text
+    async def main() -> tuple[str, str]:
+        async with openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=API_KEY, max_retries=0) as aclient:
+            reply = await aclient.completions.create(**args)  # type: ignore[call-overload]
             text = ""
-            async for chunk in await client.completions.create(
-                model=model_name, prompt=PROMPT, max_tokens=4, temperature=0, stream=True
-            ):
+            async for chunk in await aclient.completions.create(stream=True, **args):  # type: ignore[call-overload]
                 text += chunk.choices[0].text
-            return text
+            return reply.choices[0].text, text
 
-    assert isinstance(asyncio.run(main()), str)
+    whole, streamed = asyncio.run(main())
+    assert whole == expected
+    assert streamed == expected

@@ -84,9 +84,22 @@ def test_least_load_avoids_a_busy_worker(
 
 
 @pytest.mark.parametrize("policy_gateway", ["power_of_two"], indirect=True)
-def test_power_of_two_serves_from_both_workers(policy_gateway: GatewayServer, model_name: str) -> None:
+def test_power_of_two_serves_from_both_workers(
+    policy_gateway: GatewayServer, workers: list[WorkerProcess], model_name: str
+) -> None:
+    # Over two workers the policy takes the less loaded one, a coin flip between equals. Sequential requests
+    # leave both idle (or the last one looking busy, which sends the next elsewhere), so once both report
+    # idle each request lands on the worker every earlier one went to with probability at most 1/2:
+    # all 24 on one worker has probability at most 2 * 2**-24 < 1.2e-7.
+    router = policy_gateway.app.state.router
+    deadline = time.monotonic() + 20
+    while any(router.workers[w.target].score() or router.workers[w.target].load.kv_cache_usage for w in workers):
+        assert time.monotonic() < deadline, "the workers never reported themselves idle"
+        time.sleep(0.05)
     client = policy_gateway.client()
     before = policy_gateway.routed()
-    for i in range(12):
+    for i in range(24):
         client.completions.create(model=model_name, prompt=f"p2c {i}", max_tokens=2)
-    assert sum(delta(policy_gateway, before).values()) == 12
+    counts = delta(policy_gateway, before)
+    assert sum(counts.values()) == 24
+    assert min(counts.values()) > 0, counts
