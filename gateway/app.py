@@ -5,6 +5,8 @@ import json
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -186,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "loop": "uvloop",
         "http": "httptools",
     }
+    # uvicorn re-raises the SIGTERM it handled once its graceful shutdown is over; with the default
+    # handler that would end the process "killed by SIGTERM" after a clean drain. Exit 0 instead.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if config.processes == 1:
         uvicorn.run(create_app(config), **server)
         return

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -147,6 +148,25 @@ class GatewayServer:
         while len(self.app.state.router.healthy_workers()) < count:
             assert time.monotonic() < deadline, f"fewer than {count} healthy workers after {timeout}s"
             time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def worker_behind_gateway(
+    model: Path, log_dir: Path, name: str, *worker_args: str
+) -> Iterator[tuple[WorkerProcess, GatewayServer]]:
+    """One worker process with these flags and a gateway of its own over it, both serving; stopped after."""
+    worker = WorkerProcess(model, log_dir, name, *worker_args)
+    worker.start()
+    try:
+        worker.wait_serving()
+        gateway = GatewayServer(gateway_config([worker.target])).start()
+        try:
+            gateway.wait_healthy(1)
+            yield worker, gateway
+        finally:
+            gateway.stop()
+    finally:
+        worker.stop()
 
 
 def gateway_config(workers: list[str], **overrides: object) -> GatewayConfig:

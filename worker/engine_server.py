@@ -124,7 +124,12 @@ class EngineServer:
             if engine.has_work():
                 if delay:
                     time.sleep(delay)
-                self._send_outputs(engine.step())
+                try:
+                    outputs = engine.step()
+                except Exception:  # step() ends a failed batch itself; this is a bug elsewhere in it
+                    log.exception("engine step crashed")
+                    outputs = []
+                self._send_outputs(outputs)
             self._report_load()
 
     def _read_inbox(self) -> bool:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from gateway_harness import API_KEY, REPO, GatewayServer, WorkerProcess, gateway_config
+from gateway_harness import API_KEY, REPO, worker_behind_gateway
 from PIL import Image
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -15,14 +15,8 @@ import serve  # noqa: E402
 
 @pytest.fixture(scope="module")
 def stack(qwen3_path: Path, tmp_path_factory: pytest.TempPathFactory):
-    proc = WorkerProcess(qwen3_path, tmp_path_factory.mktemp("bench-worker"), "bench")
-    proc.start()
-    proc.wait_serving()
-    gateway = GatewayServer(gateway_config([proc.target])).start()
-    gateway.wait_healthy(1)
-    yield proc, gateway
-    gateway.stop()
-    proc.stop()
+    with worker_behind_gateway(qwen3_path, tmp_path_factory.mktemp("bench-worker"), "bench") as both:
+        yield both
 
 
 def _run(tmp_path: Path, *args: str) -> dict:

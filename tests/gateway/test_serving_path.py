@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from gateway_harness import API_KEY, GatewayServer, WorkerProcess, gateway_config
+from gateway_harness import API_KEY, GatewayServer, WorkerProcess, worker_behind_gateway
 
 from worker.client import WorkerClient
 
@@ -20,14 +20,10 @@ PROMPT = "The quick brown fox"
 @pytest.fixture(scope="module")
 def coalescing(qwen3_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayServer]:
     """A gateway over a worker that sends five tokens per delta at least: every SSE event carries several."""
-    proc = WorkerProcess(qwen3_path, tmp_path_factory.mktemp("coalescing"), "coalescing", "--stream-interval", "5")
-    proc.start()
-    proc.wait_serving()
-    gateway = GatewayServer(gateway_config([proc.target])).start()
-    gateway.wait_healthy(1)
-    yield gateway
-    gateway.stop()
-    proc.stop()
+    with worker_behind_gateway(
+        qwen3_path, tmp_path_factory.mktemp("coalescing"), "coalescing", "--stream-interval", "5"
+    ) as (_, gateway):
+        yield gateway
 
 
 def _sse(gateway: GatewayServer, path: str, body: dict) -> list[dict]:
@@ -69,25 +65,18 @@ def test_multi_token_events_carry_the_text_and_logprobs_of_one_token_events(
 def test_a_body_over_the_workers_message_limit_is_413_and_leaves_the_worker_usable(
     qwen3_path: Path, tmp_path: Path, model_name: str
 ) -> None:
-    proc = WorkerProcess(qwen3_path, tmp_path, "small-messages", "--max-message-bytes", str(1 << 20))
-    proc.start()
-    try:
-        proc.wait_serving()
-        gateway = GatewayServer(gateway_config([proc.target])).start()
-        try:
-            gateway.wait_healthy(1)
-            huge = {"model": model_name, "prompt": "hello " * ((2 << 20) // 6), "max_tokens": 2}  # 2 MiB
-            response = httpx.post(gateway.url + "/v1/completions", json=huge, headers=HEADERS)
-            assert response.status_code == 413
-            assert response.json()["error"]["code"] == "too_large"
-            worker = gateway.app.state.router.workers[proc.target]
-            assert worker.healthy and not worker.queue_full()  # the client's fault: the worker is not "busy"
-            reply = gateway.client().completions.create(model=model_name, prompt="next", max_tokens=2)
-            assert reply.choices[0].finish_reason in ("stop", "length")
-        finally:
-            gateway.stop()
-    finally:
-        proc.stop()
+    with worker_behind_gateway(qwen3_path, tmp_path, "small-messages", "--max-message-bytes", str(1 << 20)) as (
+        proc,
+        gateway,
+    ):
+        huge = {"model": model_name, "prompt": "hello " * ((2 << 20) // 6), "max_tokens": 2}  # 2 MiB
+        response = httpx.post(gateway.url + "/v1/completions", json=huge, headers=HEADERS)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "too_large"
+        worker = gateway.app.state.router.workers[proc.target]
+        assert worker.healthy and not worker.queue_full()  # the client's fault: the worker is not "busy"
+        reply = gateway.client().completions.create(model=model_name, prompt="next", max_tokens=2)
+        assert reply.choices[0].finish_reason in ("stop", "length")
 
 
 def test_a_5_mib_body_is_refused_quickly_and_the_next_request_is_served(
@@ -107,14 +96,8 @@ def slow_prefill(
 ) -> Iterator[tuple[WorkerProcess, GatewayServer]]:
     """A worker whose prefill of a long prompt takes dozens of paced 16-token chunks."""
     args = ["--max-num-batched-tokens", "16", "--debug-step-delay-s", "0.02", "--no-prefix-caching"]
-    proc = WorkerProcess(qwen3_path, tmp_path_factory.mktemp("slow-prefill"), "slow", *args)
-    proc.start()
-    proc.wait_serving()
-    gateway = GatewayServer(gateway_config([proc.target])).start()
-    gateway.wait_healthy(1)
-    yield proc, gateway
-    gateway.stop()
-    proc.stop()
+    with worker_behind_gateway(qwen3_path, tmp_path_factory.mktemp("slow-prefill"), "slow", *args) as stack:
+        yield stack
 
 
 def _aborted(proc: WorkerProcess) -> list[dict]:
