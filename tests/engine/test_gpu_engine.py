@@ -93,8 +93,9 @@ def test_gemma270m_triton_graphs_against_torch_path(dtype):
     for a, b in zip(ours, ref):
         if dtype == "float32":
             assert a.token_ids == b.token_ids
-            # Triton's tl.dot runs float32 as TF32: logprobs of logits up to ~30 agree to ~1e-2.
-            agree = assert_agree_until_a_near_tie(a, b, gap=0.0, logprob_tol=2e-2)
+            # Triton's tl.dot runs float32 as TF32 (11-bit significand): logits up to ~30 carry
+            # errors of a few 1e-2 after 18 layers, so logprobs are held to 5e-2.
+            agree = assert_agree_until_a_near_tie(a, b, gap=0.0, logprob_tol=5e-2)
         else:
             # bf16 sums in a different order on the two paths; they may part only where the
             # reference's top two candidates are within one bf16 step of the logits (0.125 for
