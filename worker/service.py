@@ -416,9 +416,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         info = self._info
         assert info is not None
         limits = info.limits
-        prompt_ids = self._prompt_ids(request)
-        if len(prompt_ids) >= limits.max_context_length:  # not even one token of room to generate
-            raise ContextLengthError(limits.max_context_length, len(prompt_ids))
+        prompt_ids = self._prompt_ids(request)  # checked against the limits there: in vocabulary, room left
         s = request.sampling
         config = self._config
 
@@ -458,7 +456,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         for i in range(n):
             seed = None if base.seed is None else base.seed + i
             p = dataclasses.replace(base, seed=seed, stop_token_ids=list(base.stop_token_ids))
-            limits.check(prompt_ids, p)
+            limits.check_fits(len(prompt_ids), p)  # the prompt itself was checked once, in _prompt_ids
             params.append(p)
         detok = DetokParams(list(s.stop), value("skip_special_tokens", True))
         return _Prepared(prompt_ids, params, detok)
@@ -481,10 +479,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 ids = list(tokenizer.encode(request.text, add_special_tokens=False))
             if not ids:
                 raise InvalidRequestError("text is empty (no tokens to start from)", "text")
+            assert self._info is not None
+            self._info.limits.check_prompt(ids, "text")
             return ids
         if kind == "chat":
             messages = [(m.role, m.content) for m in request.chat.messages]
-            return apply_chat_template(tokenizer, messages)
+            ids = apply_chat_template(tokenizer, messages)
+            assert self._info is not None
+            self._info.limits.check_prompt(ids, "chat.messages")
+            return ids
         if kind == "token_ids":
             ids = list(request.token_ids.ids)
             if not ids:

@@ -35,13 +35,17 @@ class EngineLimits:
 
     def check(self, token_ids: list[int], params: SamplingParams, param: str = "prompt") -> None:
         """Raise InvalidRequestError naming the field when the request cannot run on this engine."""
+        self.check_prompt(token_ids, param)
+        self.check_fits(len(token_ids), params)
+
+    def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """The checks of `check` past the prompt's own: valid params, and room for their max_tokens."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams", "params")
-        self.check_prompt(token_ids, param)
         params.validate(self.vocab_size)
-        if len(token_ids) + params.max_tokens > self.max_context_length:
-            raise ContextLengthError(self.max_context_length, len(token_ids), params.max_tokens)
-        pages = -(-(len(token_ids) + params.max_tokens) // self.page_size)
+        if num_prompt_tokens + params.max_tokens > self.max_context_length:
+            raise ContextLengthError(self.max_context_length, num_prompt_tokens, params.max_tokens)
+        pages = -(-(num_prompt_tokens + params.max_tokens) // self.page_size)
         if pages > self.num_pages:
             raise InvalidRequestError(
                 f"the request needs {pages} KV pages but the cache holds {self.num_pages}", "max_tokens"
