@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 POLICIES = ("round_robin", "least_load", "power_of_two", "prefix")
 ENV_PREFIX = "SFLLM_GATEWAY_"
 API_KEY_ENV = "SFLLM_API_KEY"
+# The integer settings that must be at least 1; each is also a --flag of the same name.
+_COUNTS = ("processes", "max_in_flight", "max_request_bytes", "max_attempts", "prefix_chunk_chars", "prefix_max_chars")
 
 
 @dataclass
@@ -42,15 +44,7 @@ class GatewayConfig:
                 raise ValueError(f"workers: {entry!r} is not host:port")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        names = (
-            "processes",
-            "max_in_flight",
-            "max_request_bytes",
-            "max_attempts",
-            "prefix_chunk_chars",
-            "prefix_max_chars",
-        )
-        for name in names:
+        for name in _COUNTS:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("health_interval_s", "health_timeout_s", "load_interval_s", "resolve_interval_s"):
@@ -78,14 +72,7 @@ class GatewayConfig:
         parser.add_argument(
             "--api-key", action="append", default=None, help=f"accepted key (repeatable; or {API_KEY_ENV}=k1,k2)"
         )
-        for name in (
-            "processes",
-            "max_in_flight",
-            "max_request_bytes",
-            "max_attempts",
-            "prefix_chunk_chars",
-            "prefix_max_chars",
-        ):
+        for name in _COUNTS:
             parser.add_argument("--" + name.replace("_", "-"), type=int, default=env_or(name, getattr(defaults, name)))
         for name in (
             "health_interval_s",
