@@ -288,9 +288,14 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
             for path in ("direct", "gateway"):
                 if key == "1":  # warm the path's connections and first-call costs before timing one at a time
                     run_served(stack, path, {**WORKLOADS["1"], "n": 2}, 1)
+                print(f"{time.strftime('%H:%M:%S')} timing {name} {path} {key}", flush=True)
                 res[f"{path}_{key}"] = run_served(stack, path, WORKLOADS[key], args.client_processes)
     finally:
         stack.stop()
+    for log_file in stack.logs:  # stalls the processes reported (slow steps, long collections)
+        for line in Path(log_file.name).read_text(errors="replace").splitlines():
+            if "garbage collection" in line or "engine step took" in line:
+                print(f"{name} {Path(log_file.name).stem}: {line[:300]}", flush=True)
     return res
 
 

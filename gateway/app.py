@@ -1,6 +1,7 @@
 """The gateway's FastAPI app and the `sfllm-gateway` command. Handlers are thin: see serving.py."""
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -115,6 +116,9 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await pool.start()
+        # Start-up's objects out of the collector's reach: a full collection over them stalls every stream.
+        gc.collect()
+        gc.freeze()
         log.info("gateway started", extra={"fields": {"policy": config.policy, "workers": sorted(router.workers)}})
         yield
         await pool.stop()

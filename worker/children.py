@@ -4,11 +4,16 @@ Kept free of heavy imports: the detokenizer process starts with this, tokenizers
 """
 
 import ctypes
+import gc
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import time
+
+GC_PAUSE_LOG_S = 0.05  # collections longer than this are logged: they stall every stream the process serves
 
 
 def spawn(module: str, **args: object) -> "subprocess.Popen[bytes]":
@@ -35,3 +40,35 @@ def die_with_parent(parent: int) -> None:
             pass
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(1)
+
+
+def settle_heap(process: str) -> None:
+    """Call once start-up is done: move what start-up built out of the collector's reach, and log long pauses.
+
+    A full collection walks every tracked object; after importing torch, transformers or grpc that
+    is millions of them, which the heap's growth under the first heavy load makes the collector
+    visit at once, stalling the process for up to a second. Frozen objects are never visited again.
+    """
+    gc.collect()
+    gc.freeze()
+    if any(getattr(cb, "settle_heap", False) for cb in gc.callbacks):
+        return  # one watcher per process (tests start several servers in one)
+    log = logging.getLogger(f"worker.{process}")
+    started = [0.0]
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+            return
+        took = time.perf_counter() - started[0]
+        if took > GC_PAUSE_LOG_S:
+            log.warning(
+                "garbage collection paused the %s process for %.0f ms (generation %d, %d collected)",
+                process,
+                took * 1e3,
+                info["generation"],
+                info["collected"],
+            )
+
+    watch.settle_heap = True  # type: ignore[attr-defined]
+    gc.callbacks.append(watch)

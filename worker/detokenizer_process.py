@@ -15,7 +15,7 @@ import zmq
 from tokenizers import Tokenizer
 
 from sfllm_core.outputs import StepOutput, TokenLogprob
-from worker.children import child_args, die_with_parent
+from worker.children import child_args, die_with_parent, settle_heap
 from worker.detokenizer import IncrementalDetokenizer
 from worker.logs import configure_logging
 from worker.messages import Channels, DetokParams, DetokReady, StepBatch, TextBatch, TextLogprob, TextOutput, decoder
@@ -72,6 +72,7 @@ class DetokenizerProcess:
         self._token_text: dict[int, str] = {}
 
     def run(self) -> None:
+        settle_heap("detokenizer")
         self.to_front.send(self._encode(DetokReady()))
         try:
             while True:

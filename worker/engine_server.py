@@ -15,7 +15,7 @@ from dataclasses import replace
 import zmq
 
 from sfllm_core.errors import InvalidRequestError, QueueFullError
-from worker.children import child_args, die_with_parent
+from worker.children import child_args, die_with_parent, settle_heap
 from worker.config import WorkerConfig
 from worker.logs import configure_logging
 from worker.messages import (
@@ -38,6 +38,7 @@ from worker.messages import (
 
 log = logging.getLogger("sfllm.engine")
 
+SLOW_STEP_LOG_S = 0.5  # steps longer than this are logged (a full 8k-token prefill on an H200 takes ~0.1 s)
 LOAD_REPORT_INTERVAL_S = 0.02  # while busy, load reports go out at most this often (and always on idling)
 
 
@@ -102,6 +103,7 @@ class EngineServer:
             limits=engine.limits,
             pid=os.getpid(),
         )
+        settle_heap("engine")
         self.to_front.send(self._encode(EngineReady(info)))
         try:
             self._loop()
@@ -111,6 +113,7 @@ class EngineServer:
     def _loop(self) -> None:
         engine = self.engine
         delay = self.config.debug_step_delay_s
+        slow_step = SLOW_STEP_LOG_S if engine.device.type == "cuda" else float("inf")  # CPU prefills take seconds
         while True:
             # Block only while idle, and then for at most a second: a dead parent must be noticed.
             if not engine.has_work() and not self.inbox.poll(1000):
@@ -124,11 +127,15 @@ class EngineServer:
             if engine.has_work():
                 if delay:
                     time.sleep(delay)
+                started = time.perf_counter()
                 try:
                     outputs = engine.step()
                 except Exception:  # step() ends a failed batch itself; this is a bug elsewhere in it
                     log.exception("engine step crashed")
                     outputs = []
+                took = time.perf_counter() - started
+                if took > slow_step:  # a first-use kernel compile, say: it stalls every stream
+                    log.warning("an engine step took %.0f ms (%d sequences out)", took * 1e3, len(outputs))
                 self._send_outputs(outputs)
             self._report_load()
 

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.sfllm.v1 import worker_pb2, worker_pb2_grpc
 from sfllm_core.errors import InvalidRequestError
+from worker.children import settle_heap
 from worker.config import WorkerConfig
 from worker.engine_client import EngineClient
 from worker.logs import configure_logging
@@ -86,6 +87,7 @@ class WorkerServer:
             await engine.stop()
             raise
         self.service.attach(engine, tokenizer)
+        settle_heap("front")
         self.metrics.bind_engine(info.served_model_name, lambda: engine.load)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
