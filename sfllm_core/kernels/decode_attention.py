@@ -53,7 +53,7 @@ def _split_range(
     return lo, hi, num_active
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_pt"])  # an eager step's page table is as wide as its longest context
 def _decode_stage1(
     Q,
     K,

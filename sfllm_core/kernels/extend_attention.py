@@ -16,8 +16,17 @@ from sfllm_core.kernels.pdl import pdl_launch
 
 _LOG2E = 1.4426950408889634
 
+# What changes from step to step is kept out of Triton's specialization, which would otherwise compile
+# a new variant (about a second, stalling every stream) the first time a serving batch mixes its
+# sequences differently: the metadata are slices starting after the batch's decodes (so their
+# alignment varies) and the page table is as wide as the step's longest context.
+_VARYING = {
+    "do_not_specialize": ["stride_pt"],
+    "do_not_specialize_on_alignment": ["QueryStartLoc", "SeqLens", "PageTable"],
+}
 
-@triton.jit
+
+@triton.jit(**_VARYING)
 def _extend_kernel(
     Q,
     K,
