@@ -28,7 +28,7 @@ from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelList
 from gateway.router import Router, make_policy
 from gateway.serving import OpenAIServing
 from gateway.workers import WorkerPool
-from worker.logs import configure_logging  # the one JSON-lines log format of every SFLLM service
+from protos.sfllm.logs import configure_logging  # the one JSON-lines log format of every SFLLM service
 
 log = logging.getLogger("sfllm.gateway")
 

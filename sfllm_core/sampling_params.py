@@ -1,8 +1,25 @@
 """Per-request sampling parameters, validated once when a request enters the engine."""
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from sfllm_core.errors import InvalidRequestError
+
+MAX_LOGIT_BIAS = 300  # most token ids one request may bias (OpenAI's own limit)
+LOGIT_BIAS_RANGE = 100.0
+
+
+@dataclass
+class Constraint:
+    """A grammar every generated token must keep the output inside (constrained decoding).
+
+    kind "json_schema": spec is a JSON Schema as text; "json_object": any JSON object (spec empty);
+    "regex": spec is a regular expression the whole output matches; "ebnf": spec is a GBNF grammar
+    whose start rule is root.
+    """
+
+    kind: Literal["json_schema", "json_object", "regex", "ebnf"]
+    spec: str = ""
 
 
 @dataclass
@@ -27,6 +44,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # Logprobs of the prompt's tokens (each given the ones before it), with this many alternatives; None: off.
+    prompt_logprobs: int | None = None
+    constraint: Constraint | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
     @property
     def greedy(self) -> bool:
@@ -63,5 +84,22 @@ class SamplingParams:
                 raise InvalidRequestError(
                     f"stop_token_ids contains {tok}, outside the vocabulary [0, {vocab_size})", "stop_token_ids"
                 )
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise InvalidRequestError(
+                f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}", "prompt_logprobs"
+            )
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(
+                f"logit_bias has {len(self.logit_bias)} entries, more than the limit of {MAX_LOGIT_BIAS}", "logit_bias"
+            )
+        for tok, bias in self.logit_bias.items():
+            if not 0 <= tok < vocab_size:
+                raise InvalidRequestError(
+                    f"logit_bias has token id {tok}, outside the vocabulary [0, {vocab_size})", "logit_bias"
+                )
+            if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+                raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bias}", "logit_bias")
+        if self.constraint is not None and self.constraint.kind not in ("json_schema", "json_object", "regex", "ebnf"):
+            raise InvalidRequestError(f"unknown constraint kind {self.constraint.kind!r}", "constraint")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed}", "seed")

@@ -13,14 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.sfllm.v1 import worker_pb2 as pb
 from protos.sfllm.v1 import worker_pb2_grpc
+from protos.sfllm.v1.wire import FINISH_REASON_NAMES
 
-FINISH_REASONS = {
-    pb.FINISH_REASON_UNSPECIFIED: None,
-    pb.FINISH_REASON_STOP: "stop",
-    pb.FINISH_REASON_LENGTH: "length",
-    pb.FINISH_REASON_ABORT: "abort",
-    pb.FINISH_REASON_ERROR: "error",
-}
+FINISH_REASONS: dict[int, str | None] = {pb.FINISH_REASON_UNSPECIFIED: None, **FINISH_REASON_NAMES}
 
 
 def build_request(

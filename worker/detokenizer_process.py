@@ -14,10 +14,10 @@ from typing import Any
 import zmq
 from tokenizers import Tokenizer
 
+from protos.sfllm.logs import configure_logging
 from sfllm_core.outputs import StepOutput, TokenLogprob
 from worker.children import child_args, die_with_parent, settle_heap
 from worker.detokenizer import IncrementalDetokenizer
-from worker.logs import configure_logging
 from worker.messages import Channels, DetokParams, DetokReady, StepBatch, TextBatch, TextLogprob, TextOutput, decoder
 from worker.messages import encoder as make_encoder
 from worker.stop_strings import StopStringMatcher

@@ -14,10 +14,10 @@ from dataclasses import replace
 
 import zmq
 
+from protos.sfllm.logs import configure_logging
 from sfllm_core.errors import InvalidRequestError, QueueFullError
 from worker.children import child_args, die_with_parent, settle_heap
 from worker.config import WorkerConfig
-from worker.logs import configure_logging
 from worker.messages import (
     AbortRequests,
     AddEosTokens,

@@ -17,12 +17,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from protos.sfllm.logs import configure_logging
 from protos.sfllm.v1 import worker_pb2, worker_pb2_grpc
 from sfllm_core.errors import InvalidRequestError
 from worker.children import settle_heap
 from worker.config import WorkerConfig
 from worker.engine_client import EngineClient
-from worker.logs import configure_logging
 from worker.metrics import WorkerMetrics
 from worker.service import WorkerService
 
@@ -86,7 +86,7 @@ class WorkerServer:
         except BaseException:
             await engine.stop()
             raise
-        self.service.attach(engine, tokenizer)
+        self.service.attach(engine, tokenizer, path)
         settle_heap("front")
         self.metrics.bind_engine(info.served_model_name, lambda: engine.load)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -18,9 +18,10 @@ import grpc
 
 from protos.sfllm.v1 import worker_pb2 as pb
 from protos.sfllm.v1 import worker_pb2_grpc
+from protos.sfllm.v1.wire import ERROR_PARAM_KEY, FINISH_REASONS, RETRY_AFTER_KEY
 from sfllm_core.errors import ContextLengthError, InvalidRequestError
 from sfllm_core.models.loader import encode_prompt
-from sfllm_core.sampling_params import SamplingParams
+from sfllm_core.sampling_params import MAX_LOGIT_BIAS, Constraint, SamplingParams
 from worker.chat_template import apply_chat_template, has_chat_template
 from worker.config import WorkerConfig
 from worker.engine_client import EngineClient
@@ -29,17 +30,21 @@ from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("sfllm.worker")
 
-# Trailing metadata keys: the offending field of an INVALID_ARGUMENT, and the retry hint of RESOURCE_EXHAUSTED.
-ERROR_PARAM_KEY = "sfllm-error-param"
-RETRY_AFTER_KEY = "retry-after-ms"
 MAX_REQUEST_ID_LENGTH = 256
-
-_FINISH_REASONS = {
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "abort": pb.FINISH_REASON_ABORT,
-    "error": pb.FINISH_REASON_ERROR,
-}
+MAX_STOP_STRING_LENGTH = 1024  # a stop string is matched against held-back text; longer ones hold back too much
+MAX_TOP_LOGPROBS = 20
+# SamplingParams fields with explicit presence in the proto and the same name in both.
+_OPTIONAL_SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_logprobs",
+)
 
 
 @dataclasses.dataclass
@@ -189,7 +194,7 @@ class _Call:
             cached_prompt_tokens=choice.num_cached_tokens,
         )
         done = pb.Finished(
-            finish_reason=_FINISH_REASONS[out.finish_reason or "stop"], usage=usage, error=out.error or ""
+            finish_reason=FINISH_REASONS[out.finish_reason or "stop"], usage=usage, error=out.error or ""
         )
         if out.stop_string is not None:
             done.stop_string = out.stop_string
@@ -240,6 +245,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._metrics = metrics
         self._engine: EngineClient | None = None
         self._info: EngineInfo | None = None
+        self._model_path = ""
         self._tokenizer: Any = None
         self._max_token_bytes = 0
         self._calls: dict[str, _Call] = {}
@@ -249,10 +255,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def attach(self, engine: EngineClient, tokenizer: Any) -> None:
-        """Start serving through this engine client, with the model's tokenizer."""
+    def attach(self, engine: EngineClient, tokenizer: Any, model_path: str = "") -> None:
+        """Start serving through this engine client, with the model's tokenizer (loaded from model_path)."""
         assert engine.info is not None
         self._info = engine.info
+        self._model_path = model_path
         self._tokenizer = tokenizer
         # No token spells more bytes than this: a text longer than context x this cannot fit, tokenized or not.
         self._max_token_bytes = max(len(token.encode("utf-8", "surrogatepass")) for token in tokenizer.get_vocab())
@@ -303,6 +310,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             has_chat_template=has_chat_template(self._tokenizer),
             model_type=info.model_type,
             eos_token_ids=info.eos_token_ids,
+            model_path=self._model_path,
+            max_n=self._config.max_n,
+            max_stop_strings=self._config.max_stop_strings,
+            max_top_logprobs=MAX_TOP_LOGPROBS,
+            max_stop_string_length=MAX_STOP_STRING_LENGTH,
+            max_logit_bias=MAX_LOGIT_BIAS,
         )
 
     async def GetLoad(self, request: pb.GetLoadRequest, context: grpc.aio.ServicerContext) -> pb.GetLoadResponse:
@@ -420,7 +433,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         s = request.sampling
         config = self._config
 
-        def value(name: str, default: Any) -> Any:
+        def value(name: str, default: Any = None) -> Any:
             return getattr(s, name) if s.HasField(name) else default
 
         n = value("n", 1)
@@ -432,30 +445,29 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
         if any(not stop for stop in s.stop):
             raise InvalidRequestError("stop strings must not be empty", "stop")
+        if any(len(stop) > MAX_STOP_STRING_LENGTH for stop in s.stop):
+            raise InvalidRequestError(f"stop strings must be at most {MAX_STOP_STRING_LENGTH} characters", "stop")
         if value("top_logprobs", 0) != 0 and not s.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
         # Unset max_tokens fills what is left of the context (and of the KV cache, for a small cache);
         # a max_tokens that is set and does not fit is refused, as OpenAI does.
         max_tokens = value("max_tokens", max(limits.room(len(prompt_ids)), 1))
+        # Unset fields keep SamplingParams' own defaults: the one place they are written down.
+        optional = {name: getattr(s, name) for name in _OPTIONAL_SAMPLING if s.HasField(name)}
         base = SamplingParams(
             max_tokens=max_tokens,
-            temperature=value("temperature", 1.0),
-            top_p=value("top_p", 1.0),
-            top_k=value("top_k", -1),
-            min_p=value("min_p", 0.0),
-            seed=value("seed", None),
-            repetition_penalty=value("repetition_penalty", 1.0),
-            presence_penalty=value("presence_penalty", 0.0),
-            frequency_penalty=value("frequency_penalty", 0.0),
             stop_token_ids=list(s.stop_token_ids),
             ignore_eos=s.ignore_eos,
             logprobs=s.logprobs,
-            top_logprobs=value("top_logprobs", 0),
+            prompt_logprobs=request.prompt_logprobs if request.HasField("prompt_logprobs") else None,
+            constraint=_constraint(s),
+            logit_bias=dict(s.logit_bias),
+            **optional,
         )
         params = []
         for i in range(n):
             seed = None if base.seed is None else base.seed + i
-            p = dataclasses.replace(base, seed=seed, stop_token_ids=list(base.stop_token_ids))
+            p = dataclasses.replace(base, seed=seed, stop_token_ids=list(base.stop_token_ids))  # n owners, n lists
             limits.check_fits(len(prompt_ids), p)  # the prompt itself was checked once, in _prompt_ids
             params.append(p)
         detok = DetokParams(list(s.stop), value("skip_special_tokens", True))
@@ -509,6 +521,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 record["ttft_s"] = round(min(ttfts), 4)
         record["latency_s"] = round(time.monotonic() - started_at, 4)
         log.info("generate", extra={"fields": record})
+
+
+def _constraint(s: pb.SamplingParams) -> Constraint | None:
+    if not s.HasField("constraint"):
+        return None
+    kind = s.constraint.WhichOneof("kind")
+    if kind is None:
+        raise InvalidRequestError("constraint is set but names no grammar", "constraint")
+    return Constraint(kind, "" if kind == "json_object" else getattr(s.constraint, kind))
 
 
 async def _abort_invalid(context: grpc.aio.ServicerContext, exc: InvalidRequestError) -> None:

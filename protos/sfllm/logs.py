@@ -1,4 +1,4 @@
-"""Structured logs: one JSON object per line, with a request's fields flattened in."""
+"""Structured logs, the one format of every SFLLM service: JSON lines, a request's fields flattened in."""
 
 import json
 import logging
