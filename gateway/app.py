@@ -19,12 +19,12 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import errors
+from gateway import errors, native
 from gateway.auth import ApiKeyChecker
 from gateway.config import GatewayConfig
 from gateway.errors import install_error_handlers
 from gateway.metrics import GatewayMetrics
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from gateway.router import Router, make_policy
 from gateway.serving import OpenAIServing
 from gateway.workers import WorkerPool
@@ -33,7 +33,7 @@ from protos.sfllm.logs import configure_logging  # the one JSON-lines log format
 log = logging.getLogger("sfllm.gateway")
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
-_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", *native.ENDPOINTS}
 
 
 class _CountRequests:
@@ -63,7 +63,10 @@ class _CountRequests:
 
 
 async def _read_json(request: Request, limit: int) -> Any:
-    """The body as JSON: 413 past `limit` bytes, 422 when it is not a JSON object."""
+    """The body as JSON: 413 past `limit` bytes, 415 when it says it is not JSON, 400 when it is not a JSON object."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type and content_type != "application/json" and not content_type.endswith("+json"):
+        raise errors.unsupported_media_type(content_type)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise errors.request_too_large(f"The request body exceeds {limit} bytes.")
@@ -152,6 +155,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
     @app.get("/v1/models", dependencies=authorized)
     async def models() -> ModelList:
         return serving.models()
+
+    @app.get("/v1/models/{model_id:path}", dependencies=authorized)
+    async def model(model_id: str) -> ModelCard:
+        return serving.model(model_id)
+
+    native.register(app, serving, authorized, _read_json)  # SGLang's native API: /generate and friends
 
     @app.get("/health")
     async def health() -> JSONResponse:

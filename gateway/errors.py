@@ -68,8 +68,14 @@ def model_not_found(model: str) -> APIError:
 
 
 def malformed_json(detail: str) -> APIError:
-    """422: a body that is not a JSON object."""
-    return APIError(422, f"The request body is not valid JSON: {detail}", "invalid_request_error", None, "invalid_json")
+    """400 (as OpenAI answers): a body that is not a JSON object."""
+    return APIError(400, f"The request body is not valid JSON: {detail}", "invalid_request_error", None, "invalid_json")
+
+
+def unsupported_media_type(content_type: str) -> APIError:
+    """415: a body that says it is something other than JSON."""
+    message = f"The request body must be JSON (Content-Type: application/json), not {content_type}."
+    return APIError(415, message, "invalid_request_error", None, "unsupported_media_type")
 
 
 def overloaded(message: str, retry_after_s: int = 1) -> APIError:

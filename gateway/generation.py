@@ -58,6 +58,7 @@ class Delta:
     choice: int
     text: str
     logprobs: list[pb.TokenLogprob] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # the tokens since the last event, text held back or not
 
 
 @dataclass
@@ -68,6 +69,8 @@ class Finish:
     finish_reason: str
     completion_tokens: int
     cached_prompt_tokens: int
+    matched: str | int | None = None  # the stop string or stop token id that ended a "stop" choice
+    token_ids: list[int] = field(default_factory=list)  # tokens no Delta carried (their text never came)
 
 
 @dataclass
@@ -127,6 +130,7 @@ class GenerationRun:
         self.buffered = buffered
         self.stats = RunStats()
         self.num_prompt_tokens = [0] * len(jobs)
+        self.prompts: list[pb.PromptInfo | None] = [None] * len(jobs)
         self._queue: asyncio.Queue[Delta | Finish | _Done | _Failed] = asyncio.Queue(_QUEUE_SIZE)
         self._accepted = [asyncio.get_running_loop().create_future() for _ in jobs]
         self._tasks: list[asyncio.Task[None]] = []
@@ -283,6 +287,7 @@ class GenerationRun:
         self.metrics.worker_in_flight.labels(worker.address).set(worker.in_flight)
         self.metrics.routed.labels(worker.address).inc()
         held: list[Delta | Finish] = []
+        held_ids: dict[int, list[int]] = {}  # per choice: token ids of deltas with nothing to show
         finished = 0
         call = worker.client.worker.Generate(request)
         attempt.call = call
@@ -292,15 +297,20 @@ class GenerationRun:
                 choice = job.first_choice + response.index
                 if kind == "prompt":
                     if not accepted.done():
+                        self.prompts[index] = response.prompt  # its text and logprobs, when asked for (echo)
                         self.num_prompt_tokens[index] = response.prompt.num_prompt_tokens
                         accepted.set_result(response.prompt.num_prompt_tokens)
                     continue
                 if kind == "delta":
-                    if not response.delta.text and not response.delta.logprobs:
+                    delta = response.delta
+                    if not delta.text and not delta.logprobs:
+                        held_ids.setdefault(choice, []).extend(delta.token_ids)
                         continue  # tokens held back by the detokenizer: nothing to show yet
-                    event: Delta | Finish = Delta(choice, response.delta.text, list(response.delta.logprobs))
+                    token_ids = held_ids.pop(choice, []) + list(delta.token_ids)
+                    event: Delta | Finish = Delta(choice, delta.text, list(delta.logprobs), token_ids)
                 else:
                     done = response.finished
+                    matched = done.WhichOneof("matched_stop")
                     if done.finish_reason not in _FINISH_REASONS:
                         reason = pb.FinishReason.Name(done.finish_reason)
                         raise _EngineFailure(f"{reason}: {done.error}" if done.error else reason)
@@ -309,6 +319,8 @@ class GenerationRun:
                         _FINISH_REASONS[done.finish_reason],
                         done.usage.completion_tokens,
                         done.usage.cached_prompt_tokens,
+                        getattr(done, matched) if matched else None,
+                        held_ids.pop(choice, []),
                     )
                     finished += 1
                 if self.buffered:

@@ -55,6 +55,7 @@ class WorkerHandle:
     healthy: bool = False
     model: str | None = None
     max_context_length: int | None = None
+    info: Any = None  # its last GetModelInfoResponse: the model's limits, path and type
     in_flight: int = 0  # Generate calls this gateway has open on the worker
     load: WorkerLoad = field(default_factory=WorkerLoad)
     busy_until: float = 0.0  # time.monotonic() before which the worker said its queue is full
@@ -237,6 +238,11 @@ class Router:
     def models(self) -> dict[str, int | None]:
         """Models served by healthy workers -> their context length."""
         return {w.model: w.max_context_length for w in self.healthy_workers() if w.model is not None}
+
+    def model_info(self, model: str) -> Any:
+        """The GetModelInfoResponse of a worker serving `model` (healthy ones first), or None if none answered."""
+        workers = sorted(self.workers.values(), key=lambda w: not w.healthy)
+        return next((w.info for w in workers if w.model == model and w.info is not None), None)
 
     def check_model(self, model: str) -> None:
         """Raise UnknownModel if no worker, healthy or not, is known to serve `model`.

@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from gateway import errors
+from gateway.chat_output import REASONING_MODEL_TYPES, ChatOutput
 from gateway.config import GatewayConfig
 from gateway.errors import APIError
 from gateway.generation import Delta, Finish, GenerationRun, PromptJob
@@ -31,6 +33,7 @@ from gateway.protocol import (
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    ToolCall,
     Usage,
     new_id,
 )
@@ -188,18 +191,38 @@ def _chat_logprobs(items: list[pb.TokenLogprob]) -> dict[str, Any]:
 
 
 def _completion_logprobs(items: list[pb.TokenLogprob], start_offset: int, with_top: bool) -> dict[str, Any]:
-    """The legacy completions logprobs object (the CompletionLogprobs schema); offsets count from start_offset."""
+    """The legacy completions logprobs object (the CompletionLogprobs schema); offsets count from start_offset.
+
+    An echoed prompt's first token has no logprob (NaN from the worker): null, as OpenAI sends it.
+    """
     offsets = []
     offset = start_offset
     for lp in items:
         offsets.append(offset)
         offset += len(lp.token)
+    first = [math.isnan(lp.logprob) for lp in items]
     return {
         "tokens": [lp.token for lp in items],
-        "token_logprobs": [lp.logprob for lp in items],
-        "top_logprobs": [{t.token: t.logprob for t in lp.top_logprobs} for lp in items] if with_top else None,
+        "token_logprobs": [None if unknown else lp.logprob for lp, unknown in zip(items, first)],
+        "top_logprobs": [
+            None if unknown else {t.token: t.logprob for t in lp.top_logprobs} for lp, unknown in zip(items, first)
+        ]
+        if with_top
+        else None,
         "text_offset": offsets,
     }
+
+
+def _echo(
+    req: CompletionRequest, prompts: list[str | list[int]], run: GenerationRun, job: int
+) -> tuple[str, list[pb.TokenLogprob]]:
+    """With echo: the prompt's text (as sent, or as the worker spelled its ids) and its tokens' logprobs."""
+    if not req.echo:
+        return "", []
+    prompt = prompts[job]
+    info = run.prompts[job]
+    text = prompt if isinstance(prompt, str) else (info.prompt_text if info is not None else "")
+    return text, list(info.prompt_logprobs) if info is not None else []
 
 
 def _coalesce(batch: list[Delta | Finish]) -> dict[int, tuple[list[Delta], Finish | None]]:
@@ -215,38 +238,31 @@ def _coalesce(batch: list[Delta | Finish]) -> dict[int, tuple[list[Delta], Finis
     return by_choice
 
 
-def _sampling(req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None) -> pb.SamplingParams:
-    """The worker's sampling parameters; fields the client left out stay unset (the worker's defaults)."""
-    s = pb.SamplingParams(
-        n=req.n,
-        ignore_eos=req.ignore_eos,
-        stop=req.stop_list(),
-        stop_token_ids=req.stop_token_ids or [],
-        skip_special_tokens=req.skip_special_tokens,
-    )
-    for name in (
-        "temperature",
-        "top_p",
-        "top_k",
-        "min_p",
-        "seed",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-    ):
-        value = getattr(req, name)
-        if value is not None:
-            setattr(s, name, value)
-    if max_tokens is not None:
-        s.max_tokens = max_tokens
-    if isinstance(req, ChatCompletionRequest):
-        s.logprobs = req.logprobs
-        if req.top_logprobs is not None:
-            s.top_logprobs = req.top_logprobs
-    elif req.logprobs is not None:
-        s.logprobs = True
-        s.top_logprobs = req.logprobs
-    return s
+def _check_limits(req: ChatCompletionRequest | CompletionRequest, info: Any) -> None:
+    """Refuse what the worker would refuse, with the worker's own limits (GetModelInfo), before routing."""
+    if info is None or not info.max_n:
+        return  # no worker has described itself yet: the worker checks anyway
+    if req.n > info.max_n:
+        raise errors.bad_request(f"n must be at most {info.max_n} on this server, got {req.n}", "n")
+    stops = req.stop_list()
+    if len(stops) > info.max_stop_strings:
+        raise errors.bad_request(f"stop takes at most {info.max_stop_strings} strings, got {len(stops)}", "stop")
+    if any(len(stop) > info.max_stop_string_length for stop in stops):
+        raise errors.bad_request(f"stop strings must be at most {info.max_stop_string_length} characters", "stop")
+    if len(req.logit_bias or {}) > info.max_logit_bias:
+        raise errors.bad_request(f"logit_bias takes at most {info.max_logit_bias} tokens", "logit_bias")
+    for token in req.logit_bias or {}:
+        if int(token) >= info.vocab_size:
+            raise errors.bad_request(
+                f"logit_bias names token {token}, outside the vocabulary [0, {info.vocab_size})", "logit_bias"
+            )
+
+
+def _constraint_param(req: ChatCompletionRequest | CompletionRequest) -> str:
+    """The request field a grammar the worker refused came from."""
+    if isinstance(req, ChatCompletionRequest) and req.forced_tools():
+        return "tools"
+    return "structured_outputs" if req.structured_outputs is not None else "response_format"
 
 
 class OpenAIServing:
@@ -262,14 +278,21 @@ class OpenAIServing:
     def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=m, max_model_len=ctx) for m, ctx in sorted(self.router.models().items())])
 
+    def model(self, model_id: str) -> ModelCard:
+        """GET /v1/models/{id}: 404 for a model no healthy worker serves."""
+        served = self.router.models()
+        if model_id not in served:
+            raise errors.model_not_found(model_id)
+        return ModelCard(id=model_id, max_model_len=served[model_id])
+
     # -- entry points ----------------------------------------------------------------------------
 
     async def chat(self, req: ChatCompletionRequest, http: Request) -> Response:
         request_id = new_id("chatcmpl")
-        messages = [pb.ChatMessage(role=m.template_role(), content=m.text()) for m in req.messages]
-        text = _SEPARATOR.join(f"{m.role}\x1f{m.content}" for m in messages)
+        chat = req.chat_proto()
+        text = _SEPARATOR.join(f"{m.role}\x1f{m.content}" for m in chat.messages)
         job = PromptJob(
-            request=pb.GenerateRequest(chat=pb.Chat(messages=messages), sampling=_sampling(req, req.max_new_tokens())),
+            request=pb.GenerateRequest(chat=chat, sampling=self._sampling(req)),
             route_key=RouteKey(req.model, self._routing_text(req, text)),
             first_choice=0,
             n=req.n,
@@ -280,17 +303,35 @@ class OpenAIServing:
     async def completion(self, req: CompletionRequest, http: Request) -> Response:
         request_id = new_id("cmpl")
         jobs = []
+        sampling = self._sampling(req)
         for i, prompt in enumerate(req.prompts()):
-            request = pb.GenerateRequest(sampling=_sampling(req, req.max_new_tokens()))
+            request = pb.GenerateRequest(sampling=sampling)
             if isinstance(prompt, str):
                 request.text = prompt
                 request.add_special_tokens = req.add_special_tokens
                 text = prompt
             else:
                 request.token_ids.ids.extend(prompt)
+                request.return_prompt_text = req.echo  # the gateway has no tokenizer to spell the ids
                 text = "ids:" + " ".join(map(str, prompt))
+            if req.echo and req.logprobs is not None:
+                request.prompt_logprobs = req.logprobs
             jobs.append(PromptJob(request, RouteKey(req.model, self._routing_text(req, text)), i * req.n, req.n))
         return await self._serve(request_id, "completions", req, jobs, http)
+
+    def _sampling(self, req: ChatCompletionRequest | CompletionRequest) -> pb.SamplingParams:
+        """The request's sampling parameters, checked against the serving workers' limits."""
+        _check_limits(req, self.router.model_info(req.model))
+        try:
+            return req.sampling_params()
+        except ValueError as exc:  # a tool list the schema builder refuses
+            raise errors.bad_request(str(exc), "tools") from None
+
+    def _chat_output(self, req: ChatCompletionRequest) -> ChatOutput:
+        info = self.router.model_info(req.model)
+        reasoning = info is not None and info.model_type in REASONING_MODEL_TYPES
+        named = req.named_tool()
+        return ChatOutput(req.tool_mode(), reasoning, named.name if named else None)
 
     @staticmethod
     def _routing_text(req: ChatCompletionRequest | CompletionRequest, text: str) -> str:
@@ -335,6 +376,8 @@ class OpenAIServing:
         try:
             accepted = await _unless_disconnected(run.start(), http)
         except APIError as exc:
+            if exc.param == "constraint":
+                exc.param = _constraint_param(req)
             response = self._fail(record, exc)  # records the status before release() logs the line
             release()
             return response
@@ -358,7 +401,7 @@ class OpenAIServing:
             return _StreamResponse(chunks, on_close)
         try:
             acc = await self._collect(run, num_choices, req.n, http)
-            return self._response(request_id, req, acc, run.num_prompt_tokens, record)
+            return self._response(request_id, req, acc, run, record)
         except APIError as exc:
             return self._fail(record, exc)
         except _ClientDisconnected:
@@ -368,54 +411,48 @@ class OpenAIServing:
             run.cancel()
             release()
 
-    @staticmethod
     def _response(
+        self,
         request_id: str,
         req: ChatCompletionRequest | CompletionRequest,
         acc: "_Accumulator",
-        num_prompt_tokens: list[int],
+        run: GenerationRun,
         record: RequestRecord,
     ) -> Response:
         """The whole (non-streamed) answer."""
-        usage = acc.usage(num_prompt_tokens)
+        usage = acc.usage(run.num_prompt_tokens)
         record.completion_tokens = usage.completion_tokens
         record.cached_tokens = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
         record.finish_reasons = [r or "" for r in acc.finish_reasons]
         num_choices = len(acc.texts)
         if isinstance(req, ChatCompletionRequest):
+            choices = []
+            for i in range(num_choices):
+                output = self._chat_output(req)
+                parts = output.whole("".join(acc.texts[i]))
+                calls = [ToolCall.model_validate(c.to_openai()) for c in parts.tool_calls] or None
+                message = ChatResponseMessage(
+                    content=parts.content, reasoning_content=parts.reasoning, tool_calls=calls
+                )
+                logprobs = ChatLogprobs.model_validate(_chat_logprobs(acc.logprobs[i])) if req.logprobs else None
+                reason = output.finish_reason(acc.finish_reasons[i] or "stop")
+                choices.append(ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=reason))  # type: ignore[arg-type]
             body: ChatCompletionResponse | CompletionResponse = ChatCompletionResponse(
-                id=request_id,
-                model=req.model,
-                usage=usage,
-                choices=[
-                    ChatChoice(
-                        index=i,
-                        message=ChatResponseMessage(content="".join(acc.texts[i])),
-                        logprobs=ChatLogprobs.model_validate(_chat_logprobs(acc.logprobs[i])) if req.logprobs else None,
-                        finish_reason=acc.finish_reasons[i],  # type: ignore[arg-type]
-                    )
-                    for i in range(num_choices)
-                ],
+                id=request_id, model=req.model, usage=usage, choices=choices
             )
         else:
-            body = CompletionResponse(
-                id=request_id,
-                model=req.model,
-                usage=usage,
-                choices=[
-                    CompletionChoice(
-                        index=i,
-                        text="".join(acc.texts[i]),
-                        logprobs=CompletionLogprobs.model_validate(
-                            _completion_logprobs(acc.logprobs[i], 0, bool(req.logprobs))
-                        )
-                        if req.logprobs is not None
-                        else None,
-                        finish_reason=acc.finish_reasons[i],  # type: ignore[arg-type]
-                    )
-                    for i in range(num_choices)
-                ],
-            )
+            prompts = req.prompts()
+            choices_c = []
+            for i in range(num_choices):
+                echoed, prompt_lps = _echo(req, prompts, run, i // req.n)
+                text = echoed + "".join(acc.texts[i])
+                logprobs_c = None
+                if req.logprobs is not None:
+                    items = _completion_logprobs(prompt_lps + acc.logprobs[i], 0, bool(req.logprobs))
+                    logprobs_c = CompletionLogprobs.model_validate(items)
+                reason = acc.finish_reasons[i]
+                choices_c.append(CompletionChoice(index=i, text=text, logprobs=logprobs_c, finish_reason=reason))  # type: ignore[arg-type]
+            body = CompletionResponse(id=request_id, model=req.model, usage=usage, choices=choices_c)
         return Response(body.model_dump_json(), media_type="application/json")
 
     def _fail(self, record: RequestRecord, exc: APIError) -> JSONResponse:
@@ -458,6 +495,7 @@ class OpenAIServing:
         """
         chat = isinstance(req, ChatCompletionRequest)
         encoder = ChunkEncoder(record.request_id, req.model, chat, req.include_usage)
+        outputs = [self._chat_output(req) for _ in range(num_choices)] if chat else []  # type: ignore[arg-type]
         acc = _Accumulator(num_choices, req.n)
         offsets = [0] * num_choices
         last_delta: list[float | None] = [None] * num_choices
@@ -470,6 +508,17 @@ class OpenAIServing:
                     encoder.event([ChunkEncoder.chat_choice(i, {"role": "assistant", "content": ""})])
                     for i in range(num_choices)
                 )
+            elif req.echo:  # type: ignore[union-attr]
+                prompts = req.prompts()  # type: ignore[union-attr]
+                echoes = []
+                for i in range(num_choices):
+                    text, prompt_lps = _echo(req, prompts, run, i // req.n)  # type: ignore[arg-type]
+                    lps = None
+                    if want_logprobs:
+                        lps = _completion_logprobs(prompt_lps, 0, with_top)
+                        offsets[i] = len(text)
+                    echoes.append(encoder.event([ChunkEncoder.completion_choice(i, text, lps)]))
+                yield b"".join(echoes)
             async for batch in run.batches():
                 out = []
                 moment = time.monotonic()
@@ -484,7 +533,9 @@ class OpenAIServing:
                         items = [lp for d in deltas for lp in d.logprobs]
                         if chat:
                             lps = _chat_logprobs(items) if want_logprobs else None
-                            out.append(encoder.event([ChunkEncoder.chat_choice(i, {"content": text}, lps)]))
+                            delta = outputs[i].feed(text)
+                            if delta or lps:
+                                out.append(encoder.event([ChunkEncoder.chat_choice(i, delta, lps)]))
                         else:
                             lps = None
                             if want_logprobs:
@@ -495,7 +546,10 @@ class OpenAIServing:
                         acc.add(finish)
                         reason = finish.finish_reason
                         if chat:
-                            choice = ChunkEncoder.chat_choice(i, {}, None, reason)
+                            rest = outputs[i].finish()
+                            if rest:
+                                out.append(encoder.event([ChunkEncoder.chat_choice(i, rest)]))
+                            choice = ChunkEncoder.chat_choice(i, {}, None, outputs[i].finish_reason(reason))
                         else:
                             choice = ChunkEncoder.completion_choice(i, "", None, reason)
                         out.append(encoder.event([choice]))

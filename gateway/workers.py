@@ -183,6 +183,7 @@ class WorkerPool:
                 return False
             worker.model = info.served_model_name
             worker.max_context_length = info.max_context_length or None
+            worker.info = info
             worker.failed_checks = 0
             worker.healthy = True
             self.metrics.worker_healthy.labels(worker.address).set(1)

@@ -101,10 +101,9 @@ def test_stream_options_need_stream() -> None:
 @pytest.mark.parametrize(
     "fields, name",
     [
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"logit_bias": {"1": 5}}, "logit_bias"),
-        ({"tool_choice": "required"}, "tool_choice"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"audio": {"voice": "alloy", "format": "wav"}}, "audio"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
         ({"made_up_field": 1}, "made_up_field"),
         ({"store": True}, "store"),
     ],
@@ -115,10 +114,11 @@ def test_unsupported_fields_are_named(fields: dict, name: str) -> None:
 
 
 def test_harmless_values_of_unsupported_fields_pass() -> None:
-    req = chat(tools=[], tool_choice="none", response_format={"type": "text"}, logit_bias={}, metadata={"a": "b"})
+    req = chat(functions=[], function_call="none", audio=None, modalities=["text"], metadata={"a": "b"})
     assert req.first_unsupported_field() is None
-    assert completion(echo=False, best_of=1, suffix=None).first_unsupported_field() is None
-    assert completion(echo=True).first_unsupported_field()[0] == "echo"  # type: ignore[index]
+    assert completion(best_of=1, suffix=None).first_unsupported_field() is None
+    assert completion(best_of=2).first_unsupported_field()[0] == "best_of"  # type: ignore[index]
+    assert completion(suffix="x").first_unsupported_field()[0] == "suffix"  # type: ignore[index]
 
 
 def test_completion_prompt_shapes() -> None:
@@ -127,7 +127,7 @@ def test_completion_prompt_shapes() -> None:
     assert completion(prompt=[1, 2, 3]).prompts() == [[1, 2, 3]]
     assert completion(prompt=[[1, 2], [3]]).prompts() == [[1, 2], [3]]
     assert completion().max_new_tokens() == 16  # OpenAI's default for completions
-    for bad in ([], [[]], [-1]):
+    for bad in ([], [[]], [-1], "", ["a", ""]):
         with pytest.raises(ValidationError):
             completion(prompt=bad)
 
