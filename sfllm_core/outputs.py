@@ -28,6 +28,9 @@ class StepOutput(msgspec.Struct, array_like=True):
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_computed_tokens: int = 0  # tokens whose K/V the sequence held (how far an aborted prefill got)
     error: str | None = None
+    # With SamplingParams.prompt_logprobs, on a request's first output only: prompt tokens 1..P-1,
+    # each given the ones before it (nothing predicts token 0). None if it ended before its prefill did.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -40,6 +43,7 @@ class GenerationOutput:
     finish_reason: str
     text: str | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # as in StepOutput: prompt tokens 1..P-1
 
 
 @dataclass

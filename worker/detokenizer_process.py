@@ -1,9 +1,9 @@
 """DetokenizerProcess: the worker's text process, between the engine process and the gRPC front.
 
 It reads StepBatches (one per engine step), turns each request's new tokens into text
-(incremental detokenization, stop strings, the text of logprob tokens) and sends the front one
-TextBatch per read. When it falls behind it reads every batch waiting and merges them, so a
-request's output grows per message instead of the queue growing.
+(incremental detokenization, stop strings, the text of logprob tokens, the prompt's included) and
+sends the front one TextBatch per read. When it falls behind it reads every batch waiting and
+merges them, so a request's output grows per message instead of the queue growing.
 """
 
 import logging
@@ -103,6 +103,8 @@ class DetokenizerProcess:
             if state is None:  # ended here already (a stop string); the engine's own end follows
                 continue
             item = self._text(state, out)
+            if out.prompt_logprobs is not None:
+                item.prompt_logprobs = [self._logprob(lp) for lp in out.prompt_logprobs]
             if item.finished:
                 del self.requests[out.request_id]
             earlier = merged.get(out.request_id)
@@ -114,6 +116,8 @@ class DetokenizerProcess:
                 if item.logprobs:
                     earlier.logprobs = (earlier.logprobs or []) + item.logprobs
                 earlier.num_cached_tokens = item.num_cached_tokens
+                if item.prompt_logprobs is not None:
+                    earlier.prompt_logprobs = item.prompt_logprobs
                 if item.finished:
                     earlier.finished, earlier.finish_reason = True, item.finish_reason
                     earlier.stop_string, earlier.stop_token_id = item.stop_string, item.stop_token_id

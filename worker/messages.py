@@ -120,6 +120,8 @@ class TextOutput(msgspec.Struct, array_like=True):
     error: str | None = None
     # The detokenizer ended it (a stop string) while the engine still runs it: the front aborts it there.
     abort_engine: bool = False
+    # StepOutput.prompt_logprobs with text (prompt tokens 1..P-1), on the request's first output.
+    prompt_logprobs: list[TextLogprob] | None = None
 
 
 class TextBatch(msgspec.Struct, tag="text", array_like=True):

@@ -9,6 +9,7 @@ client that reads slowly gets fewer, larger deltas rather than a growing queue.
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,7 +26,7 @@ from sfllm_core.sampling_params import MAX_LOGIT_BIAS, Constraint, SamplingParam
 from worker.chat_template import apply_chat_template, has_chat_template
 from worker.config import WorkerConfig
 from worker.engine_client import EngineClient
-from worker.messages import DetokParams, EngineInfo, Rejected, TextOutput
+from worker.messages import DetokParams, EngineInfo, Rejected, TextLogprob, TextOutput
 from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("sfllm.worker")
@@ -72,6 +73,7 @@ class _Choice:
         "ttft",
         "last_token_at",
         "finish_reason",
+        "prompt_logprobs",
     )
 
     def __init__(self, index: int, engine_id: str) -> None:
@@ -87,6 +89,7 @@ class _Choice:
         self.ttft: float | None = None
         self.last_token_at: float | None = None
         self.finish_reason: str | None = None
+        self.prompt_logprobs: list[TextLogprob] | None = None  # prompt tokens 1..P-1, from the first output
 
 
 class _Call:
@@ -130,6 +133,8 @@ class _Call:
             choice.num_tokens += count
             choice.pending_tokens += count
         choice.num_cached_tokens = max(choice.num_cached_tokens, out.num_cached_tokens)
+        if out.prompt_logprobs is not None:
+            choice.prompt_logprobs = out.prompt_logprobs
         choice.pending.append(out)
         if out.finished:
             choice.finished = out
@@ -225,16 +230,17 @@ def _delta(items: list[TextOutput]) -> pb.Delta | None:
         return None
     delta = pb.Delta(token_ids=token_ids, text=text)
     if logprobs:
-        delta.logprobs.extend(
-            pb.TokenLogprob(
-                token_id=lp.token_id,
-                token=lp.token,
-                logprob=lp.logprob,
-                top_logprobs=[pb.TopLogprob(token_id=t, token=s, logprob=v) for t, s, v in lp.top],
-            )
-            for lp in logprobs
-        )
+        delta.logprobs.extend(_token_logprob(lp) for lp in logprobs)
     return delta
+
+
+def _token_logprob(lp: TextLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token_id=lp.token_id,
+        token=lp.token,
+        logprob=lp.logprob,
+        top_logprobs=[pb.TopLogprob(token_id=t, token=s, logprob=v) for t, s, v in lp.top],
+    )
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -382,8 +388,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
             if call.refusal is not None:
                 await self._refuse(context, call.refusal, record)
+            # Accepted means every completion's first output is here, and with it the prompt's logprobs.
+            prompt_text = self._decode(prepared.prompt_ids) if request.return_prompt_text else ""
             for choice in call.choices:
-                prompt = pb.PromptInfo(num_prompt_tokens=call.num_prompt_tokens)
+                prompt = self._prompt_info(request, prepared.prompt_ids, prompt_text, choice)
                 yield pb.GenerateResponse(request_id=request_id, index=choice.index, prompt=prompt)
             while True:
                 for response in call.responses():
@@ -423,6 +431,23 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         await context.abort(grpc.StatusCode.UNAVAILABLE, refusal.message)
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _prompt_info(
+        self, request: pb.GenerateRequest, prompt_ids: list[int], prompt_text: str, choice: _Choice
+    ) -> pb.PromptInfo:
+        """PromptInfo for one completion: the prompt's size, and its text and logprobs if asked for."""
+        prompt = pb.PromptInfo(num_prompt_tokens=len(prompt_ids), prompt_text=prompt_text)
+        # None: the completion ended (aborted, failed) before its prefill did; there is nothing to send.
+        if request.HasField("prompt_logprobs") and choice.prompt_logprobs is not None:
+            first = pb.TokenLogprob(token_id=prompt_ids[0], token=self._decode(prompt_ids[:1]), logprob=math.nan)
+            prompt.prompt_logprobs.append(first)
+            prompt.prompt_logprobs.extend(_token_logprob(lp) for lp in choice.prompt_logprobs)
+        return prompt
+
+    def _decode(self, token_ids: list[int]) -> str:
+        # Special tokens kept and no clean-up of spaces: the text the ids spell, as the detokenizer
+        # gives logprob tokens theirs.
+        return self._tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _prepare(self, request: pb.GenerateRequest) -> _Prepared:
         """Tokenize the prompt and validate every field against the engine's limits."""

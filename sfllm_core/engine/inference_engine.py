@@ -423,6 +423,7 @@ class InferenceEngine:
             num_cached_tokens=seq.num_cached_tokens,
             num_computed_tokens=seq.num_computed_tokens,
             error=error,
+            prompt_logprobs=seq.take_prompt_logprobs(),
         )
 
     # ---- offline ------------------------------------------------------------------------------
@@ -448,7 +449,15 @@ class InferenceEngine:
                 out_ids = out_ids[:-1]
             text = self.tokenizer.decode(out_ids, skip_special_tokens=True) if self.tokenizer else None
             results.append(
-                GenerationOutput(seq.request_id, seq.prompt_token_ids, out_ids, seq.finish_reason, text, seq.logprobs)
+                GenerationOutput(
+                    seq.request_id,
+                    seq.prompt_token_ids,
+                    out_ids,
+                    seq.finish_reason,
+                    text,
+                    seq.logprobs,
+                    seq.prompt_logprobs,
+                )
             )
         return results
 

@@ -1,5 +1,8 @@
 """ModelRunner: turns a scheduled batch into tensors, runs the model, returns last-token logits.
 
+Sequences that ask for prompt logprobs also get the logprobs of their prompt positions in the
+chunk, gathered from those rows alone, so nobody else's step computes more than last-token logits.
+
 On CUDA, pure-decode steps replay CUDA graphs captured at start for a ladder of batch sizes: the
 batch is padded up to the next captured size, padding rows write their K/V into a scratch page
 the pool never hands out, and their logits are dropped. Larger batches and prefills run eagerly.
@@ -12,12 +15,17 @@ from dataclasses import replace
 import torch
 
 from sfllm_core.engine.memory_pool import MemoryPool
-from sfllm_core.engine.request_sequence import PENDING_TOKEN
+from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence
 from sfllm_core.engine.scheduler import ScheduledBatch
 from sfllm_core.layers.attention import AttentionBackend, BatchMetadata
 from sfllm_core.models.common import ForwardContext
+from sfllm_core.outputs import TokenLogprob
 
 logger = logging.getLogger("sfllm.runner")
+
+# Prompt logits are computed this many elements ([rows, vocab], float32) at a time: an 8k-token
+# chunk over a 152k vocabulary at once would take 5 GB.
+PROMPT_LOGITS_ELEMENTS = 1 << 25
 
 
 def graph_batch_sizes(max_batch: int) -> list[int]:
@@ -184,6 +192,8 @@ class ModelRunner:
 
         A sequence whose next input is PENDING_TOKEN takes it from pending_tokens (last step's
         sampled ids, still on the device) at row pending_rows[id(seq)]; only graph replays do that.
+        A sequence that needs prompt logits gets this chunk's prompt logprobs appended to its
+        prompt_logprobs (graph replays are decodes: they never need any).
         """
         if self.graphs is not None and self.graph_fits(batch):
             return self._replay(batch, pending_tokens, pending_rows), list(range(len(batch.seqs)))
@@ -193,9 +203,55 @@ class ModelRunner:
             self.backend.prepare(meta.window)
         ctx = ForwardContext(self.backend, meta, self.pool.kv_caches)
         hidden = self.model(input_ids, meta.positions, ctx)
+        self._prompt_logprobs(batch, hidden)
         if not sample_rows:
             return None, sample_rows
         return self.model.compute_logits(hidden[meta.logits_indices]), sample_rows
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
+        """Log-softmax at each prompt position of the chunk for the prompt token after it, with its top-k."""
+        rows: list[int] = []  # rows of hidden
+        targets: list[int] = []
+        owners: list[tuple[RequestSequence, int]] = []  # (sequence, how many of the rows are its)
+        offset = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if seq.needs_prompt_logits:
+                start, done = seq.num_computed_tokens, len(seq.prompt_logprobs)
+                assert start <= done, "prompt logprobs need every prompt position computed (no prefix cache)"
+                # Position i predicts token i + 1; a recompute after preemption skips the ones it has.
+                first, last = max(start, done), min(start + n, seq.num_prompt_tokens - 1)
+                if first < last:
+                    rows += range(offset + first - start, offset + last - start)
+                    targets += seq.prompt_token_ids[first + 1 : last + 1]
+                    owners.append((seq, last - first))
+            offset += n
+        if not rows:
+            return
+        dev = hidden.device
+        index = torch.tensor(rows, dtype=torch.int64, device=dev)
+        target = torch.tensor(targets, dtype=torch.int64, device=dev)
+        k = max(seq.params.prompt_logprobs for seq, _ in owners)
+        step = max(1, PROMPT_LOGITS_ELEMENTS // self.model.lm_head.weight.shape[0])
+        chosen, top_values, top_ids = [], [], []
+        for s in range(0, len(rows), step):
+            logits = self.model.compute_logits(hidden[index[s : s + step]]).float()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            chosen.append((logits.gather(1, target[s : s + step, None]) - lse).squeeze(1))
+            if k:
+                values, ids = logits.topk(k, dim=-1)
+                top_values.append(values - lse)
+                top_ids.append(ids)
+        chosen_list = torch.cat(chosen).tolist()
+        values_list = torch.cat(top_values).tolist() if k else [[]] * len(rows)
+        ids_list = torch.cat(top_ids).tolist() if k else [[]] * len(rows)
+        i = 0
+        for seq, count in owners:
+            seq_k = seq.params.prompt_logprobs
+            seq.prompt_logprobs.extend(
+                TokenLogprob(targets[j], chosen_list[j], list(zip(ids_list[j][:seq_k], values_list[j][:seq_k])))
+                for j in range(i, i + count)
+            )
+            i += count
 
     def graph_fits(self, batch: ScheduledBatch) -> bool:
         """A pure decode batch no larger than the largest captured graph."""

@@ -43,6 +43,10 @@ class RequestSequence:
         self.finish_reason: str | None = None
         self.stop_token_id: int | None = None
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs else None
+        # With params.prompt_logprobs: entry i is prompt token i + 1 given the ones before it (the
+        # runner appends them chunk by chunk); the first StepOutput hands them out, once.
+        self.prompt_logprobs: list[TokenLogprob] | None = [] if params.prompt_logprobs is not None else None
+        self.prompt_logprobs_sent = False
         self.arrival_time = time.monotonic()
         self.generator: torch.Generator | None = None  # the Sampler makes it on the logits' device
         self.admitted = False  # set at first admission; preemption does not reset it
@@ -58,6 +62,18 @@ class RequestSequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt logprobs are asked for and not all computed yet (the prefix cache is skipped meanwhile)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob] | None:
+        """The prompt's logprobs the first time they are all there; None before, after, or when not asked."""
+        if self.prompt_logprobs is None or self.prompt_logprobs_sent or self.needs_prompt_logits:
+            return None
+        self.prompt_logprobs_sent = True
+        return self.prompt_logprobs
 
     @property
     def is_finished(self) -> bool:

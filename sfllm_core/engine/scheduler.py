@@ -116,7 +116,10 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not seq.pages:
-                seq.pages, seq.page_hashes = self.pool.match_prefix(seq.token_ids)
+                # Prompt logprobs need every prompt position's logits: a cached prefix has none.
+                seq.pages, seq.page_hashes = (
+                    ([], []) if seq.needs_prompt_logits else self.pool.match_prefix(seq.token_ids)
+                )
                 seq.num_computed_tokens = len(seq.pages) * self.pool.page_size
                 seq.window_start = self.pool.window_start(seq.num_computed_tokens)
                 if self.pool.window:
