@@ -9,14 +9,14 @@ with its "index" in a batch, then `data: [DONE]`.
 
 Where this server differs: errors carry the OpenAI error body the other routes use; unknown
 sampling parameters and request fields are refused by name instead of ignored; `model` (not
-SGLang's) names the model where the gateway serves several; prompt logprobs (`logprob_start_len`
-other than -1) are refused, so `input_token_logprobs` is always empty.
+SGLang's) names the model where the gateway serves several.
 """
 
 import asyncio
 import dataclasses
 import importlib.metadata
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -186,6 +186,7 @@ _FROM_PB = {theirs: f"sampling_params.{ours}" for ours, theirs in _PB_NAMES.item
     "logit_bias": "sampling_params.logit_bias",
     "logprobs": "return_logprob",
     "top_logprobs": "top_logprobs_num",
+    "prompt_logprobs": "logprob_start_len",
     "request_id": "rid",
     "token_ids": "input_ids",
     "input": "text",
@@ -199,7 +200,6 @@ class GenerateRequest(BaseModel):
 
     # GenerateReqInput fields whose non-default values this server cannot honour
     UNSUPPORTED: ClassVar[dict[str, Callable[[Any], bool]]] = {
-        "logprob_start_len": lambda v: v is None or v == -1 or (isinstance(v, list) and all(x == -1 for x in v)),
         "input_embeds": _is_falsy,
         "image_data": _is_falsy,
         "video_data": _is_falsy,
@@ -225,6 +225,7 @@ class GenerateRequest(BaseModel):
     rid: str | list[str] | None = None
     return_logprob: bool | list[bool] | None = None
     top_logprobs_num: int | list[int] | None = None
+    logprob_start_len: int | list[int] | None = None  # -1 (the default): output tokens only
     return_text_in_logprobs: bool = False
     stream: bool = False
     model: str | None = None  # not SGLang's (it serves one model): which model, where the gateway serves several
@@ -266,6 +267,7 @@ class _Plan:
     entry_ids: list[str]  # meta_info.id of each completion, in answer order
     logprobs: list[bool]  # per prompt
     top_logprobs: list[int]  # per prompt
+    logprob_starts: list[int]  # per prompt: the first prompt position with logprobs, -1 for none
     single: bool  # one prompt and n == 1: the answer is one object, not a list
     constraint: str | None  # the grammar field set, for naming it in the worker's errors
 
@@ -362,9 +364,16 @@ def plan_generate(req: GenerateRequest, model: str) -> _Plan:
     top = _per_prompt(req.top_logprobs_num, count, "top_logprobs_num", 0)
     if any(not 0 <= k <= MAX_TOP_LOGPROBS for k in top):
         raise errors.bad_request(f"top_logprobs_num must be in [0, {MAX_TOP_LOGPROBS}]", "top_logprobs_num")
+    starts = _per_prompt(req.logprob_start_len, count, "logprob_start_len", -1)
+    if any(start < -1 for start in starts):
+        raise errors.bad_request(
+            "logprob_start_len must be -1 (output tokens only) or a prompt position", "logprob_start_len"
+        )
     jobs = []
     for i, prompt in enumerate(prompts):
         request = pb.GenerateRequest(sampling=sampling[i].to_pb(logprobs[i], top[i]))
+        if logprobs[i] and starts[i] >= 0:
+            request.prompt_logprobs = top[i]
         if isinstance(prompt, str):
             request.text = prompt
             routing = prompt
@@ -380,6 +389,7 @@ def plan_generate(req: GenerateRequest, model: str) -> _Plan:
         entry_ids=_entry_ids(req.rid, count, n),
         logprobs=logprobs,
         top_logprobs=top,
+        logprob_starts=starts,
         single=single and n == 1,
         constraint=next((s.constraint() for s in sampling if s.constraint()), None),
     )
@@ -423,7 +433,17 @@ class _Completion:
 
 
 def _logprob(logprob: float, token_id: int, token: str, with_text: bool) -> list[Any]:
-    return [logprob, token_id, token if with_text else None]  # SGLang's (logprob, token id, text or null)
+    """SGLang's (logprob, token id, text or null); nothing predicts a prompt's first token: its logprob is null."""
+    return [None if math.isnan(logprob) else logprob, token_id, token if with_text else None]
+
+
+def _token_logprobs(items: Any, with_text: bool) -> list[list[Any]]:
+    return [_logprob(lp.logprob, lp.token_id, lp.token, with_text) for lp in items]
+
+
+def _top_logprobs(items: Any, with_text: bool) -> list[list[list[Any]] | None]:
+    # a position without alternatives (a prompt's first token) is null, as in SGLang
+    return [_token_logprobs(lp.top_logprobs, with_text) if lp.top_logprobs else None for lp in items]
 
 
 class _Answer:
@@ -455,13 +475,14 @@ class _Answer:
             meta["e2e_latency"] = time.monotonic() - self.started
         if self.plan.logprobs[c.prompt]:
             w = self.with_text
-            meta["input_token_logprobs"] = []  # logprob_start_len is -1: output tokens only
-            meta["output_token_logprobs"] = [_logprob(lp.logprob, lp.token_id, lp.token, w) for lp in c.logprobs]
+            start = self.plan.logprob_starts[c.prompt]
+            info = self.run.prompts[c.prompt]
+            prompt = info.prompt_logprobs[start:] if start >= 0 and info is not None else []
+            meta["input_token_logprobs"] = _token_logprobs(prompt, w)
+            meta["output_token_logprobs"] = _token_logprobs(c.logprobs, w)
             if self.plan.top_logprobs[c.prompt]:
-                meta["input_top_logprobs"] = []
-                meta["output_top_logprobs"] = [
-                    [_logprob(t.logprob, t.token_id, t.token, w) for t in lp.top_logprobs] for lp in c.logprobs
-                ]
+                meta["input_top_logprobs"] = _top_logprobs(prompt, w)
+                meta["output_top_logprobs"] = _top_logprobs(c.logprobs, w)
         return {"text": c.text, "output_ids": c.output_ids, "meta_info": meta}
 
     def chunk(self, k: int) -> bytes:

@@ -177,6 +177,26 @@ def test_return_logprob_gives_sglangs_triples(gateway: GatewayServer) -> None:
     assert [t[:2] for t in streamed["output_token_logprobs"]] == [t[:2] for t in triples]
 
 
+def test_logprob_start_len_adds_the_prompts_logprobs(gateway: GatewayServer) -> None:
+    body = {"input_ids": [5, 6, 7, 8], "sampling_params": GREEDY, "return_logprob": True, "top_logprobs_num": 2}
+    meta = generate(gateway, {**body, "logprob_start_len": 0})["meta_info"]
+    prompt = meta["input_token_logprobs"]
+    assert [t[1] for t in prompt] == [5, 6, 7, 8]
+    assert prompt[0] == [None, 5, None]  # nothing predicts the first token
+    assert all(isinstance(t[0], float) and t[0] <= 0 for t in prompt[1:])
+    tops = meta["input_top_logprobs"]
+    assert tops[0] is None and all(len(top) == 2 for top in tops[1:])
+    assert len(meta["output_token_logprobs"]) == 8
+
+    openai = completion(gateway, [5, 6, 7, 8], max_tokens=1, temperature=0, echo=True, logprobs=0)
+    echoed = openai["choices"][0]["logprobs"]["token_logprobs"][:4]
+    assert [t[0] for t in prompt[1:]] == pytest.approx(echoed[1:], abs=1e-6)
+
+    tail = generate(gateway, {**body, "logprob_start_len": 2})["meta_info"]
+    assert tail["input_token_logprobs"] == prompt[2:]
+    assert generate(gateway, body)["meta_info"]["input_token_logprobs"] == []  # -1: output tokens only
+
+
 def test_rid_is_the_request_id(gateway: GatewayServer, workers: list[WorkerProcess]) -> None:
     out = generate(gateway, {"text": PROMPT, "rid": "native-rid-1", "sampling_params": GREEDY})
     assert out["meta_info"]["id"] == "native-rid-1"
@@ -264,7 +284,8 @@ def test_a_json_schema_constrains_the_output(gateway: GatewayServer) -> None:
         ({"text": [PROMPT, OTHER], "rid": ["same", "same"]}, "rid"),
         ({"text": PROMPT, "rid": ["a"]}, "rid"),
         ({"text": PROMPT, "return_logprob": True, "top_logprobs_num": 21}, "top_logprobs_num"),
-        ({"text": PROMPT, "return_logprob": True, "logprob_start_len": 0}, "logprob_start_len"),
+        ({"text": PROMPT, "return_logprob": True, "logprob_start_len": -2}, "logprob_start_len"),
+        ({"text": [PROMPT, OTHER], "return_logprob": True, "logprob_start_len": [0]}, "logprob_start_len"),
         ({"text": PROMPT, "image_data": "cat.png"}, "image_data"),
         ({"text": PROMPT, "bogus": 1}, "bogus"),
     ],
