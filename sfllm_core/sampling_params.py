@@ -99,7 +99,12 @@ class SamplingParams:
                 )
             if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
                 raise InvalidRequestError(f"logit_bias values must be in [-100, 100], got {bias}", "logit_bias")
-        if self.constraint is not None and self.constraint.kind not in ("json_schema", "json_object", "regex", "ebnf"):
-            raise InvalidRequestError(f"unknown constraint kind {self.constraint.kind!r}", "constraint")
+        if self.constraint is not None:
+            if self.constraint.kind not in ("json_schema", "json_object", "regex", "ebnf"):
+                raise InvalidRequestError(f"unknown constraint kind {self.constraint.kind!r}", "constraint")
+            # Parsed here (cached), so that a bad schema is refused before the request queues.
+            from sfllm_core.engine.grammar import check_constraint  # imports xgrammar on first use
+
+            check_constraint(self.constraint)
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed}", "seed")

@@ -39,6 +39,7 @@ from worker.messages import (
     TextBatch,
     TextOutput,
     ToFront,
+    TokenizerFile,
     decoder,
     encoder,
 )
@@ -102,11 +103,13 @@ class EngineClient:
                     model_path=model_path, served_name=served_name)  # fmt: skip
 
     def start_detokenizer(self, tokenizer: Any) -> None:
-        """Send the engine the tokenizer's eos ids; start the detokenizer on the front's tokenizer, saved to a file."""
+        """Send the engine the tokenizer's eos ids and the file it is saved in (constrained decoding reads it);
+        start the detokenizer on that file."""
         self.tokenizer_eos_token_ids = tokenizer_eos_token_ids(tokenizer)
         self._to_engine.send(self._encode(AddEosTokens(self.tokenizer_eos_token_ids)))
         tokenizer_file = os.path.join(os.path.dirname(self.channels.front.removeprefix("ipc://")), "tokenizer.json")
         tokenizer.backend_tokenizer.save(tokenizer_file)
+        self._to_engine.send(self._encode(TokenizerFile(tokenizer_file)))
         channels = dataclasses.asdict(self.channels)
         self._spawn("detokenizer", "worker.detokenizer_process", channels=channels,
                     log_level=self.config.log_level, tokenizer_file=tokenizer_file)  # fmt: skip

@@ -32,6 +32,7 @@ from worker.messages import (
     Shutdown,
     StepBatch,
     ToEngine,
+    TokenizerFile,
     decoder,
     encoder,
 )
@@ -163,6 +164,8 @@ class EngineServer:
                 self._aborting = True
             elif isinstance(msg, AddEosTokens):
                 engine.add_eos_token_ids(msg.token_ids)
+            elif isinstance(msg, TokenizerFile):
+                engine.use_tokenizer_file(msg.path)
             elif isinstance(msg, Shutdown):
                 return False
 

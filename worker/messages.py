@@ -1,6 +1,6 @@
 """What crosses between a worker's three processes, as msgspec structs sent over ZeroMQ (msgpack).
 
-    front (gRPC, tokenizer) ──AddEosTokens, AddRequest / AbortRequests, Shutdown──► engine process (owns the GPU)
+    front (gRPC, tokenizer) ──AddEosTokens, TokenizerFile, AddRequest / AbortRequests, Shutdown──► engine (owns the GPU)
     engine ──StepBatch, one per engine step──► detokenizer ──TextBatch, one per batch it read──► front
     engine ──EngineReady / LoadReport / Rejected──► front
 
@@ -45,11 +45,18 @@ class AddEosTokens(msgspec.Struct, tag="eos", array_like=True):
     token_ids: list[int]
 
 
+class TokenizerFile(msgspec.Struct, tag="tokenizer", array_like=True):
+    """Where the front saved its tokenizer (one tokenizer.json), sent before any request: the engine
+    reads its vocabulary from there for constrained decoding, on the first constrained request."""
+
+    path: str
+
+
 class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
     """Abort everything and exit."""
 
 
-ToEngine = AddRequest | AbortRequests | AddEosTokens | Shutdown
+ToEngine = AddRequest | AbortRequests | AddEosTokens | TokenizerFile | Shutdown
 
 # -- engine -> detokenizer -------------------------------------------------------------------------
 

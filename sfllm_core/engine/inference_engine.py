@@ -7,12 +7,15 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_for_futures
 from dataclasses import dataclass, replace
 
 import torch
 
 from sfllm_core.config import EngineConfig
 from sfllm_core.engine.engine_loop import EngineLoop
+from sfllm_core.engine.grammar import GrammarBackend
 from sfllm_core.engine.limits import EngineLimits
 from sfllm_core.engine.memory_pool import MemoryPool
 from sfllm_core.engine.model_runner import ModelRunner
@@ -38,6 +41,8 @@ from sfllm_core.sampling_params import SamplingParams
 logger = logging.getLogger("sfllm.engine")
 
 DEFAULT_MAX_CONTEXT = 8192
+# While only grammars compile, a step waits this long for one (instead of spinning on an empty batch).
+GRAMMAR_WAIT_S = 0.01
 
 
 class InferenceEngine:
@@ -89,8 +94,11 @@ class InferenceEngine:
         )
         self.sampler = Sampler(config.seed)
         self.limits = EngineLimits(self.vocab_size, self.max_context_length, self.pool.page_size, self.pool.num_pages)
+        self.grammar = GrammarBackend(self.vocab_size, self.tokenizer)
 
         self._seqs: dict[str, RequestSequence] = {}
+        # Constrained sequences whose grammar is compiling: they reach the scheduler once it is done.
+        self._grammar_queue: list[tuple[RequestSequence, Future]] = []
         self._inbox: list[tuple[str, object]] = []
         self._cv = threading.Condition()
         self._woken = False
@@ -210,6 +218,8 @@ class InferenceEngine:
             raise InvalidRequestError("params must be a SamplingParams", "params")
         token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.limits.check(token_ids, params)
+        if params.constraint is not None and not self.grammar.has_tokenizer:
+            raise InvalidRequestError("constrained decoding needs a tokenizer, and this engine has none", "constraint")
         return RequestSequence(request_id, token_ids, params)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
@@ -219,7 +229,7 @@ class InferenceEngine:
     def submit(self, seq: RequestSequence) -> None:
         """Queue a validated sequence (thread-safe); raises QueueFullError past max_waiting."""
         with self._cv:
-            pending = sum(1 for kind, _ in self._inbox if kind == "add")
+            pending = sum(1 for kind, _ in self._inbox if kind == "add") + len(self._grammar_queue)
             if len(self.scheduler.waiting) + pending >= self.config.max_waiting:
                 raise QueueFullError(self.config.max_waiting)
             if seq.request_id in self._seqs or any(
@@ -242,13 +252,44 @@ class InferenceEngine:
         for kind, item in inbox:
             if kind == "add":
                 self._seqs[item.request_id] = item
-                self.scheduler.add(item)
+                if item.params.constraint is not None:
+                    future = self.grammar.compile(item.params.constraint, self.eos_token_ids)
+                    self._grammar_queue.append((item, future))
+                else:
+                    self.scheduler.add(item)
             else:
-                seq = self._seqs.pop(item, None)
+                seq = self._seqs.get(item)
                 if seq is not None:
-                    self.scheduler.finish(seq, "abort")
+                    self._finish(seq, "abort")
                     outputs.append(self._output(seq, [], None, finished=True))
         return outputs
+
+    def _admit_constrained(self) -> list[StepOutput]:
+        """Hand the sequences whose grammar has compiled to the scheduler, each with its matcher."""
+        if not self.scheduler.has_work() and self._pending is None:  # nothing else to do meanwhile
+            wait_for_futures([f for _, f in self._grammar_queue], GRAMMAR_WAIT_S, FIRST_COMPLETED)
+        outputs, waiting = [], []
+        for seq, future in self._grammar_queue:
+            if seq.is_finished:  # aborted while compiling
+                continue
+            if not future.done():
+                waiting.append((seq, future))
+                continue
+            exc = future.exception()
+            if exc is not None:
+                self._finish(seq, "error")
+                error = f"the constraint failed to compile: {type(exc).__name__}: {exc}"
+                outputs.append(self._output(seq, [], None, finished=True, error=error))
+                continue
+            seq.grammar = self.grammar.matcher(future.result(), self.eos_token_ids)
+            self.scheduler.add(seq)
+        self._grammar_queue = waiting
+        return outputs
+
+    def use_tokenizer_file(self, path: str) -> None:
+        """Where the tokenizer (one tokenizer.json) of an engine built without one is: constrained
+        decoding reads its vocabulary from there, on the first constrained request."""
+        self.grammar.use_tokenizer_file(path)
 
     def add_eos_token_ids(self, token_ids: list[int]) -> None:
         """More ids that end generation (a server's tokenizer's eos and end-of-turn tokens); thread-safe."""
@@ -257,7 +298,9 @@ class InferenceEngine:
 
     def has_work(self) -> bool:
         with self._cv:
-            return bool(self._inbox) or self.scheduler.has_work() or self._pending is not None
+            return (
+                bool(self._inbox) or self.scheduler.has_work() or self._pending is not None or bool(self._grammar_queue)
+            )
 
     def wait_for_work(self, timeout: float | None = None) -> bool:
         """Block until there is work (True), or until `wake` or the timeout (False)."""
@@ -282,6 +325,7 @@ class InferenceEngine:
         for seq in list(self._seqs.values()):
             self._finish(seq, "abort")
             outputs.append(self._output(seq, [], None, finished=True))
+        self._grammar_queue = []
         return outputs
 
     @property
@@ -292,7 +336,9 @@ class InferenceEngine:
     def get_load(self) -> EngineLoad:
         return EngineLoad(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting) + sum(1 for k, _ in list(self._inbox) if k == "add"),
+            num_waiting=len(self.scheduler.waiting)
+            + len(self._grammar_queue)
+            + sum(1 for k, _ in list(self._inbox) if k == "add"),
             kv_pages_used=self.pool.num_used_pages,
             kv_pages_total=self.pool.num_pages,
             prefix_cache_hit_rate=self.pool.prefix_hit_rate,
@@ -309,6 +355,8 @@ class InferenceEngine:
         while that next step runs. Every other step first settles what is pending.
         """
         outputs = self._drain_inbox()
+        if self._grammar_queue:
+            outputs += self._admit_constrained()
         batch = self.scheduler.schedule()
         pending, self._pending = self._pending, None
         if batch.seqs and self.runner.graph_fits(batch) and not any(self.sampler.needs_host(s) for s in batch.seqs):
@@ -383,8 +431,7 @@ class InferenceEngine:
         logger.exception("step failed; ending %d requests of its batch", len(seqs))
         outputs = []
         for seq in seqs:
-            self._seqs.pop(seq.request_id, None)
-            self.scheduler.finish(seq, "error")
+            self._finish(seq, "error")
             outputs.append(self._output(seq, [], None, finished=True, error=f"{type(exc).__name__}: {exc}"))
         return outputs
 
@@ -392,8 +439,14 @@ class InferenceEngine:
         """Check the token now at `position` for the end of the request; later (pending) ones are dropped."""
         params = seq.params
         token = seq.token_ids[position]
+        grammar = seq.grammar
+        if grammar is not None and grammar.rejected is not None:
+            del seq.token_ids[position:]
+            self._finish(seq, "error")
+            return self._output(seq, [], None, finished=True, error=f"the grammar rejected the sampled token {token}")
         stop = (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids
-        if stop:
+        # A grammar that is complete and took a stop token ends the output even with ignore_eos.
+        if stop or (grammar is not None and grammar.is_terminated):
             del seq.token_ids[position + 1 :]
             seq.stop_token_id = token
             self._finish(seq, "stop")
@@ -408,8 +461,12 @@ class InferenceEngine:
         return self._output(seq, [token], logprob)
 
     def _finish(self, seq: RequestSequence, reason: str) -> None:
+        """End a sequence wherever it is: out of every queue, its pages and its matcher given back."""
         self._seqs.pop(seq.request_id, None)
         self.scheduler.finish(seq, reason)
+        if seq.grammar is not None:
+            seq.grammar.close()
+            seq.grammar = None
 
     def _output(self, seq, tokens, logprob, finished=False, error=None) -> StepOutput:
         return StepOutput(
@@ -477,6 +534,7 @@ class InferenceEngine:
             self._loop.shutdown()
         else:
             self.abort_all()
+        self.grammar.shutdown()
 
 
 @dataclass

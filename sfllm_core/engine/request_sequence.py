@@ -2,11 +2,15 @@
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from sfllm_core.outputs import TokenLogprob
 from sfllm_core.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from sfllm_core.engine.grammar import SequenceGrammar
 
 # Stands in token_ids for a token sampled on the GPU whose value the host has not read yet
 # (the engine reads step N's tokens while step N+1 runs).
@@ -50,6 +54,18 @@ class RequestSequence:
         self.arrival_time = time.monotonic()
         self.generator: torch.Generator | None = None  # the Sampler makes it on the logits' device
         self.admitted = False  # set at first admission; preemption does not reset it
+        # A constrained request's matcher, set once its grammar is compiled; kept across preemption
+        # (the output so far is kept too) and closed when the sequence ends.
+        self.grammar: SequenceGrammar | None = None
+        # Whether the Sampler edits this row's logits (penalties, logit_bias, a grammar): read for
+        # every row of every step, so worked out once.
+        self.adjusts_logits = (
+            params.repetition_penalty != 1.0
+            or bool(params.presence_penalty)
+            or bool(params.frequency_penalty)
+            or bool(params.logit_bias)
+            or params.constraint is not None
+        )
 
     @property
     def num_prompt_tokens(self) -> int:

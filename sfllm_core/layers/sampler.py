@@ -1,7 +1,8 @@
-"""Sampler: penalties, temperature, top-k / top-p / min-p and seeded sampling, per request."""
+"""Sampler: penalties, logit_bias, grammar masks, temperature, top-k / top-p / min-p, seeded sampling, per request."""
 
 import torch
 
+from sfllm_core.engine import grammar
 from sfllm_core.engine.request_sequence import RequestSequence
 from sfllm_core.outputs import TokenLogprob
 
@@ -11,12 +12,17 @@ class Sampler:
 
     Sampling draws from exponential noise (argmax of p / E, E ~ Exp(1), is a sample of p), so a
     seeded request owns a generator and its tokens do not depend on what it was batched with.
-    Logprobs are those of the model's raw distribution, before penalties and temperature.
+    Rows are edited in this order: penalties, logit_bias, the grammar's mask (constrained rows
+    only: disallowed tokens get -inf), then temperature and the top-k / top-p / min-p cuts.
+    Logprobs are those of the model's raw distribution, before any of that: a constrained row's
+    chosen token can have a low logprob, and its top alternatives may lie outside the grammar.
     """
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._bitmask: torch.Tensor | None = None  # host bitmask rows of constrained sequences
+        self.grammar_clock: grammar.GrammarClock | None = None  # set by a benchmark to time the grammar phases
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -25,8 +31,13 @@ class Sampler:
         return self._generators[device]
 
     def select(self, logits: torch.Tensor, seqs: list[RequestSequence]) -> torch.Tensor:
-        """One token id per row, left on the logits' device (no host sync)."""
-        logits = self._apply_penalties(logits, seqs)
+        """One token id per row, left on the logits' device (no host sync unless a row is constrained).
+
+        The logits given are left as they are. A constrained row's token is not yet accepted by its
+        matcher: `__call__` does that once the tokens are on the host.
+        """
+        if any(s.adjusts_logits for s in seqs):
+            logits = self._adjust(logits, seqs)
         tokens = logits.argmax(dim=-1)
         sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled_rows:
@@ -40,6 +51,8 @@ class Sampler:
         tokens = self.select(logits, seqs)
         found = self.gather_logprobs(logits, seqs, tokens)
         token_list = tokens.tolist()
+        if any(s.adjusts_logits for s in seqs):
+            self._accept(seqs, token_list)
         if found is None:
             return token_list, [None] * len(seqs)
         return token_list, self.build_logprobs(seqs, token_list, *(t.tolist() for t in found))
@@ -80,12 +93,86 @@ class Sampler:
 
     @staticmethod
     def needs_host(seq: RequestSequence) -> bool:
-        """Whether sampling this sequence reads its token history (penalties), so the step cannot
-        run ahead of the host reading the previous step's tokens."""
+        """Whether sampling this sequence reads its token history (penalties) or its grammar's
+        state, so the step cannot run ahead of the host reading the previous step's tokens."""
         p = seq.params
-        return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
+        return (
+            p.repetition_penalty != 1.0
+            or bool(p.presence_penalty)
+            or bool(p.frequency_penalty)
+            or p.constraint is not None
+        )
+
+    def _adjust(self, logits: torch.Tensor, seqs: list[RequestSequence]) -> torch.Tensor:
+        """A copy of the logits with penalties, logit_bias and grammar masks applied to their rows."""
+        raw = logits
+        logits = self._apply_penalties(logits, seqs)
+        biased = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if biased or constrained:
+            # Row-major: the mask kernels assume it (tied-embedding logits come out column-major).
+            logits = logits.clone(memory_format=torch.contiguous_format) if logits is raw else logits.contiguous()
+        if biased:
+            self._apply_logit_bias(logits, [seqs[i] for i in biased], biased)
+        if constrained:
+            self._apply_grammars(logits, [seqs[i].grammar for i in constrained], constrained)
+        return logits
+
+    @staticmethod
+    def _apply_logit_bias(logits: torch.Tensor, seqs: list[RequestSequence], rows: list[int]) -> None:
+        row_ids: list[int] = []
+        token_ids: list[int] = []
+        values: list[float] = []
+        for row, seq in zip(rows, seqs):
+            bias = seq.params.logit_bias
+            row_ids += [row] * len(bias)
+            token_ids += bias.keys()
+            values += bias.values()
+        dev = logits.device
+        index = (torch.tensor(row_ids, device=dev), torch.tensor(token_ids, device=dev))
+        logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=dev), accumulate=True)
+
+    def _apply_grammars(self, logits: torch.Tensor, grammars: list, rows: list[int]) -> None:
+        """Mask, in place, each constrained row to the tokens its grammar allows next.
+
+        The matchers fill a bitmask on the host (page-locked for a GPU), which is copied to the
+        logits' device and applied there. Reusing the host buffer next step is safe: the step's
+        tokens are read back (a sync) before the next step fills it.
+        """
+        dev = logits.device
+        clock = self.grammar_clock
+        if clock is not None:
+            clock.start(dev)
+            clock.steps += 1
+        width = grammar.bitmask_width(logits.shape[-1])
+        if self._bitmask is None or self._bitmask.shape[0] < len(rows) or self._bitmask.shape[1] != width:
+            size = max(len(rows), logits.shape[0])
+            self._bitmask = torch.empty(size, width, dtype=torch.int32, pin_memory=dev.type == "cuda")
+        host = self._bitmask[: len(rows)]
+        grammar.fill_bitmask(grammars, host)
+        if clock is not None:
+            clock.lap("fill", dev)
+        mask = host.to(dev, non_blocking=True)
+        if clock is not None:
+            clock.lap("copy", dev)
+        grammar.apply_bitmask(logits, mask, rows)
+        if clock is not None:
+            clock.lap("apply", dev)
+
+    def _accept(self, seqs: list[RequestSequence], tokens: list[int]) -> None:
+        """Advance the matchers of constrained rows by the tokens drawn for them."""
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not rows:
+            return
+        clock = self.grammar_clock
+        if clock is not None:
+            clock.start(torch.device("cpu"))
+        grammar.accept_tokens([seqs[i].grammar for i in rows], [tokens[i] for i in rows])
+        if clock is not None:
+            clock.lap("accept", torch.device("cpu"))
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[RequestSequence]) -> torch.Tensor:
+        """A copy of the logits with repetition and presence/frequency penalties (the logits themselves if none)."""
         rows = [
             i
             for i, s in enumerate(seqs)

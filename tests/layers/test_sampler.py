@@ -99,6 +99,38 @@ def test_logprobs_are_the_raw_distribution():
     assert [t for t, _ in logprobs[0].top] == expected.topk(3).indices.tolist()
 
 
+def test_logit_bias_steers_greedy_rows_and_bans_tokens():
+    logits = torch.randn(3, 40)
+    favoured = int(logits[0].argmin())
+    best = int(logits[2].argmax())
+    seqs = [
+        _seq(temperature=0.0, logit_bias={favoured: 100.0}),
+        _seq(temperature=0.0),  # unbiased rows in the same batch are left alone
+        _seq(temperature=0.0, logit_bias={best: -100.0}),
+    ]
+    tokens, _ = Sampler()(logits.clone(), seqs)
+    assert tokens[0] == favoured
+    assert tokens[1] == int(logits[1].argmax())
+    assert tokens[2] == int(logits[2].topk(2).indices[1])
+
+
+def test_a_token_biased_by_minus_100_is_never_sampled():
+    freq = _draws(dict(temperature=1.0, logit_bias={0: -100.0, 3: 2.0}), LOGITS)
+    assert freq[0] == 0.0
+    # +2 on token 3 makes it as likely as token 0 was (logit 0 + 2 = 2).
+    expected = torch.softmax(torch.tensor([-98.0, 1.5, 1.0, 2.0, -1.0, -3.0]), -1)
+    assert (freq - expected).abs().sum() < 0.1
+
+
+def test_logit_bias_leaves_logprobs_raw_and_overlap_allowed():
+    logits = torch.randn(1, 20)
+    seq = _seq(temperature=0.0, logprobs=True, logit_bias={5: 100.0})
+    tokens, logprobs = Sampler()(logits.clone(), [seq])
+    assert tokens == [5]
+    assert abs(logprobs[0].logprob - torch.log_softmax(logits[0], -1)[5].item()) < 1e-6
+    assert not Sampler.needs_host(seq)  # a bias reads no history: its steps may still overlap
+
+
 @pytest.mark.parametrize("vocab,k", [(151936, 5), (1024, 20), (1000, 3), (256, 3)])
 def test_two_stage_topk_matches_torch_topk(vocab, k):
     from sfllm_core.layers.sampler import _topk
