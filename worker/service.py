@@ -8,6 +8,7 @@ client that reads slowly gets fewer, larger deltas rather than a growing queue.
 
 import asyncio
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -365,8 +366,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._idle.clear()
         try:
             try:
-                if request.WhichOneof("input") == "token_ids":
-                    prepared = self._prepare(request)  # nothing to tokenize: no thread hop
+                if request.WhichOneof("input") == "token_ids" and not request.sampling.HasField("constraint"):
+                    prepared = self._prepare(request)  # nothing to tokenize (nor a grammar to check): no thread hop
                 else:
                     prepared = await asyncio.to_thread(self._prepare, request)
                 record["n"] = len(prepared.params)
@@ -504,6 +505,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if kind in ("text", "chat"):
             # Refuse a text that cannot fit before spending seconds tokenizing megabytes of it.
             texts = [request.text] if kind == "text" else [m.content for m in request.chat.messages]
+            if kind == "chat":
+                texts.append(request.chat.tools_json)  # rendered into the prompt too
             size = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
             assert self._info is not None
             context = self._info.limits.max_context_length
@@ -520,8 +523,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._info.limits.check_prompt(ids, "text")
             return ids
         if kind == "chat":
-            messages = [(m.role, m.content) for m in request.chat.messages]
-            ids = apply_chat_template(tokenizer, messages)
+            chat = request.chat
+            ids = apply_chat_template(
+                tokenizer,
+                [_message_dict(m) for m in chat.messages],
+                tools=_json_field(chat.tools_json, list, "chat.tools_json") or [],
+                template_kwargs=_json_field(chat.template_kwargs_json, dict, "chat.template_kwargs_json"),
+            )
             assert self._info is not None
             self._info.limits.check_prompt(ids, "chat.messages")
             return ids
@@ -546,6 +554,33 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 record["ttft_s"] = round(min(ttfts), 4)
         record["latency_s"] = round(time.monotonic() - started_at, 4)
         log.info("generate", extra={"fields": record})
+
+
+def _message_dict(m: pb.ChatMessage) -> dict[str, Any]:
+    """A chat message as templates read it (OpenAI's shape)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    for key in ("name", "tool_call_id", "reasoning_content"):
+        if getattr(m, key):
+            out[key] = getattr(m, key)
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    return out
+
+
+def _json_field(text: str, kind: type, param: str) -> Any:
+    """A JSON-encoded request field, None when empty; InvalidRequestError naming it when it is not a `kind`."""
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"{param} is not valid JSON: {exc}", param) from None
+    if not isinstance(value, kind):
+        raise InvalidRequestError(f"{param} must be a JSON {'array' if kind is list else 'object'}", param)
+    return value
 
 
 def _constraint(s: pb.SamplingParams) -> Constraint | None:
