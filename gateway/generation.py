@@ -31,12 +31,12 @@ from gateway.metrics import GatewayMetrics
 from gateway.router import AllWorkersBusy, NoWorkerAvailable, RouteKey, Router, UnknownModel, WorkerHandle
 from gateway.workers import WorkerPool
 from protos.sfllm.v1 import worker_pb2 as pb
+from protos.sfllm.v1.wire import ERROR_PARAM_KEY, FINISH_REASON_NAMES, RETRY_AFTER_KEY
 
 log = logging.getLogger("sfllm.gateway")
 
-ERROR_PARAM_KEY = "sfllm-error-param"  # trailing metadata of the worker's INVALID_ARGUMENT
-RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of the worker's RESOURCE_EXHAUSTED
-_FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length"}
+# The ends a client may see; an aborted or failed completion is the worker's failure, retried or reported.
+_FINISH_REASONS = {code: name for code, name in FINISH_REASON_NAMES.items() if name in ("stop", "length")}
 _QUEUE_SIZE = 64  # events buffered per run; beyond it gRPC flow control slows the worker down
 
 

@@ -249,6 +249,10 @@ def _check_limits(req: ChatCompletionRequest | CompletionRequest, info: Any) -> 
         raise errors.bad_request(f"stop takes at most {info.max_stop_strings} strings, got {len(stops)}", "stop")
     if any(len(stop) > info.max_stop_string_length for stop in stops):
         raise errors.bad_request(f"stop strings must be at most {info.max_stop_string_length} characters", "stop")
+    asked = req.top_logprobs if isinstance(req, ChatCompletionRequest) else req.logprobs
+    if asked is not None and asked > info.max_top_logprobs:
+        name = "top_logprobs" if isinstance(req, ChatCompletionRequest) else "logprobs"
+        raise errors.bad_request(f"{name} must be at most {info.max_top_logprobs} on this server, got {asked}", name)
     if len(req.logit_bias or {}) > info.max_logit_bias:
         raise errors.bad_request(f"logit_bias takes at most {info.max_logit_bias} tokens", "logit_bias")
     for token in req.logit_bias or {}:
