@@ -9,7 +9,26 @@ POLICIES = ("round_robin", "least_load", "power_of_two", "prefix")
 ENV_PREFIX = "SFLLM_GATEWAY_"
 API_KEY_ENV = "SFLLM_API_KEY"
 # The integer settings that must be at least 1; each is also a --flag of the same name.
-_COUNTS = ("processes", "max_in_flight", "max_request_bytes", "max_attempts", "prefix_chunk_chars", "prefix_max_chars")
+_COUNTS = (
+    "processes",
+    "max_in_flight",
+    "max_request_bytes",
+    "max_attempts",
+    "prefix_chunk_chars",
+    "prefix_max_chars",
+    "breaker_failure_threshold",
+    "breaker_success_threshold",
+)
+# The float settings, each also a --flag of the same name: those that must be > 0, then those that must be >= 0.
+_POSITIVE_FLOATS = (
+    "health_interval_s",
+    "health_timeout_s",
+    "load_interval_s",
+    "resolve_interval_s",
+    "breaker_open_timeout_s",
+    "retry_budget_window_s",
+)
+_NON_NEGATIVE_FLOATS = ("retry_backoff_base_s", "retry_backoff_cap_s", "retry_budget_ratio", "retry_budget_min_per_s")
 
 
 @dataclass
@@ -32,6 +51,18 @@ class GatewayConfig:
     prefix_chunk_chars: int = 64  # granularity of prefix affinity (the gateway has no tokenizer)
     prefix_max_chars: int = 4096  # only this much of a prompt is hashed
     prefix_load_factor: float = 1.5  # a worker may carry this times the mean load before prefix affinity yields
+    # Circuit breakers (gateway/resilience.py), one per worker: open after this many consecutive failures,
+    # half-open (success_threshold trials at a time) after the timeout, closed after success_threshold successes.
+    breaker_failure_threshold: int = 5
+    breaker_success_threshold: int = 2
+    breaker_open_timeout_s: float = 30.0
+    # After a worker failure the next attempt waits uniformly in [0, min(cap, base * 2^(retry-1))].
+    retry_backoff_base_s: float = 0.05
+    retry_backoff_cap_s: float = 2.0
+    # Retries after worker failures, per gateway process: ratio x the requests of the last window, plus min_per_s.
+    retry_budget_ratio: float = 0.2
+    retry_budget_min_per_s: float = 1.0
+    retry_budget_window_s: float = 10.0
     log_level: str = "info"
 
     def validate(self) -> None:
@@ -47,9 +78,14 @@ class GatewayConfig:
         for name in _COUNTS:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("health_interval_s", "health_timeout_s", "load_interval_s", "resolve_interval_s"):
+        for name in _POSITIVE_FLOATS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in _NON_NEGATIVE_FLOATS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.retry_backoff_cap_s < self.retry_backoff_base_s:
+            raise ValueError(f"retry_backoff_cap_s must be >= retry_backoff_base_s ({self.retry_backoff_base_s})")
         if self.prefix_load_factor < 1.0:
             raise ValueError(f"prefix_load_factor must be >= 1, got {self.prefix_load_factor}")
 
@@ -74,13 +110,7 @@ class GatewayConfig:
         )
         for name in _COUNTS:
             parser.add_argument("--" + name.replace("_", "-"), type=int, default=env_or(name, getattr(defaults, name)))
-        for name in (
-            "health_interval_s",
-            "health_timeout_s",
-            "load_interval_s",
-            "resolve_interval_s",
-            "prefix_load_factor",
-        ):
+        for name in (*_POSITIVE_FLOATS, *_NON_NEGATIVE_FLOATS, "prefix_load_factor"):
             parser.add_argument(
                 "--" + name.replace("_", "-"), type=float, default=env_or(name, getattr(defaults, name))
             )
@@ -98,13 +128,11 @@ class GatewayConfig:
             max_in_flight=int(args.max_in_flight),
             max_request_bytes=int(args.max_request_bytes),
             max_attempts=int(args.max_attempts),
-            health_interval_s=float(args.health_interval_s),
-            health_timeout_s=float(args.health_timeout_s),
-            load_interval_s=float(args.load_interval_s),
-            resolve_interval_s=float(args.resolve_interval_s),
             prefix_chunk_chars=int(args.prefix_chunk_chars),
             prefix_max_chars=int(args.prefix_max_chars),
             prefix_load_factor=float(args.prefix_load_factor),
+            **{name: int(getattr(args, name)) for name in ("breaker_failure_threshold", "breaker_success_threshold")},
+            **{name: float(getattr(args, name)) for name in (*_POSITIVE_FLOATS, *_NON_NEGATIVE_FLOATS)},
             log_level=str(args.log_level),
         )
         try:

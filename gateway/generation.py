@@ -31,7 +31,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.router import AllWorkersBusy, NoWorkerAvailable, RouteKey, Router, UnknownModel, WorkerHandle
 from gateway.workers import WorkerPool
 from protos.sfllm.v1 import worker_pb2 as pb
-from protos.sfllm.v1.wire import ERROR_PARAM_KEY, FINISH_REASON_NAMES, RETRY_AFTER_KEY
+from protos.sfllm.v1.wire import DRAINED_ERROR, DRAINING_KEY, ERROR_PARAM_KEY, FINISH_REASON_NAMES, RETRY_AFTER_KEY
 
 log = logging.getLogger("sfllm.gateway")
 
@@ -199,6 +199,7 @@ class GenerationRun:
         accepted = self._accepted[index]
         try:
             try:
+                self.pool.retry_budget.record_request()  # each prompt's first attempt adds to the retry budget
                 await self._attempts(index, job, accepted)
                 await self._queue.put(_Done(index))
             except (APIError, asyncio.CancelledError):
@@ -221,6 +222,7 @@ class GenerationRun:
         failures = 0
         busy = 0
         last_failure = ""
+        retrying = False  # the last attempt failed: the next needs the retry budget's leave, and waits a backoff
         while True:
             try:
                 worker = self.router.pick(job.route_key, exclude=tried)
@@ -233,13 +235,25 @@ class GenerationRun:
                     raise errors.overloaded("every worker's queue is full; retry later") from None
                 message = f"{exc}" + (f" (last worker failure: {last_failure})" if last_failure else "")
                 raise errors.no_healthy_worker(message) from None
+            if retrying:  # once there is a worker to retry on: no budget is spent on a request with none left
+                retrying = False
+                if not self.pool.retry_budget.try_retry():  # retries must not multiply the load of an outage
+                    self.metrics.retries_refused.inc()
+                    raise errors.no_healthy_worker(f"retry budget exhausted; last failure: {last_failure}")
+                backoff_s = self.pool.backoff.delay_s(failures)
+                self.metrics.retries.labels("worker_failed").inc()
+                self.metrics.retry_backoff.observe(backoff_s)
+                await asyncio.sleep(backoff_s)
             tried.add(worker.address)
             attempt = _Attempt(worker, f"{self.request_id}-{index}-{len(tried)}")
             if len(tried) > 1:
                 self.stats.retries += 1
             self.stats.workers.append(worker.address)
+            ticket = worker.breaker.acquire()
+            failure: str | None = None  # what the worker did wrong, if anything
             try:
                 await self._call(index, attempt, job, accepted)
+                worker.breaker.succeeded(ticket)
                 return
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
@@ -253,14 +267,25 @@ class GenerationRun:
                     busy += 1
                     self.metrics.retries.labels("worker_busy").inc()
                     continue
-                failure = f"{code.name}: {exc.details()}"
+                draining = _metadata(exc, DRAINING_KEY) is not None
+                failure = _DRAINING if draining else f"{code.name}: {exc.details()}"
             except _EngineFailure as exc:
                 failure = str(exc)
+            finally:
+                # A failure counts against the worker's breaker; the client's error or departure, a full
+                # queue or a drain is no verdict on the worker.
+                if failure is None or failure in _DRAINED:
+                    worker.breaker.release(ticket)
+                else:
+                    worker.breaker.failed(ticket)
             # the worker died, is draining, or its engine failed this request
-            if _ejects(failure):
+            drained = failure in _DRAINED
+            if drained:  # out of routing now, not when its health check next says NOT_SERVING
+                self.pool.eject(worker, "draining")
+            elif _ejects(failure):
                 self.pool.eject(worker, failure.split(":", 1)[0].lower())
             last_failure = f"{worker.address} {failure}"
-            failures += 1
+            failures += 0 if drained else 1
             if attempt.emitted:
                 raise APIError(
                     502,
@@ -271,7 +296,10 @@ class GenerationRun:
                 ) from None
             if failures >= self.max_attempts:
                 raise errors.no_healthy_worker(f"gave up after {failures} failed attempts; last: {last_failure}")
-            self.metrics.retries.labels("worker_failed").inc()
+            if drained:  # sent elsewhere at once, as a full queue is: the worker failed nothing
+                self.metrics.retries.labels("worker_draining").inc()
+                continue
+            retrying = True
             log.warning(
                 "retrying on another worker",
                 extra={"fields": {"request_id": self.request_id, "worker": worker.address, "failure": failure}},
@@ -343,6 +371,11 @@ class GenerationRun:
 
 class _EngineFailure(Exception):
     """A call that ended without finishing: an engine error, an abort we did not ask for, a cut stream."""
+
+
+# A draining worker's refusal, and a drain's abort of a call: the worker is leaving, not failing.
+_DRAINING = "UNAVAILABLE: the worker is draining"
+_DRAINED = (_DRAINING, f"FINISH_REASON_ABORT: {DRAINED_ERROR}")
 
 
 def _ejects(failure: str) -> bool:

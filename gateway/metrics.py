@@ -33,6 +33,7 @@ _LATENCY_BUCKETS = (
     80.0,
 )
 _TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_BACKOFF_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class GatewayMetrics:
@@ -80,7 +81,10 @@ class GatewayMetrics:
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of served requests", registry=r)
         self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated for clients", registry=r)
         self.retries = Counter(
-            PREFIX + "request_retries", "Worker calls retried on another worker, by reason", ["reason"], registry=r
+            PREFIX + "request_retries",
+            "Worker calls retried on another worker, by reason (worker_failed, worker_busy, worker_draining)",
+            ["reason"],
+            registry=r,
         )
         self.worker_in_flight = Gauge(
             PREFIX + "worker_requests_in_flight",
@@ -100,10 +104,35 @@ class GatewayMetrics:
             PREFIX + "worker_ejections", "Workers taken out of routing, by reason", ["worker", "reason"], registry=r
         )
         self.routed = Counter(PREFIX + "routed_requests", "Worker calls by chosen worker", ["worker"], registry=r)
+        # Circuit breakers and retries (gateway/resilience.py). Each gateway process has its own breakers.
+        self.worker_circuit_state = Gauge(
+            PREFIX + "worker_circuit_state",
+            "Each worker's circuit breaker: 0 closed, 1 open, 2 half-open",
+            ["worker"],
+            registry=r,
+            multiprocess_mode="liveall",
+        )
+        self.worker_circuit_transitions = Counter(
+            PREFIX + "worker_circuit_transitions",
+            "Circuit breaker state changes, by worker and the states left and entered",
+            ["worker", "from_state", "to_state"],
+            registry=r,
+        )
+        self.retries_refused = Counter(
+            PREFIX + "retries_refused_by_budget",
+            "Retries after a worker failure that the retry budget refused (the request failed with its error)",
+            registry=r,
+        )
+        self.retry_backoff = Histogram(
+            PREFIX + "retry_backoff_seconds",
+            "Waits before a retry on another worker after a failure",
+            buckets=_BACKOFF_BUCKETS,
+            registry=r,
+        )
 
     def forget_worker(self, address: str) -> None:
         """Drop a removed worker's labelled series so dashboards stop showing it."""
-        for gauge in (self.worker_in_flight, self.worker_healthy):
+        for gauge in (self.worker_in_flight, self.worker_healthy, self.worker_circuit_state):
             try:
                 gauge.remove(address)
             except KeyError:

@@ -1,9 +1,9 @@
 """Which worker serves a request: worker handles, the routing policies, and the Router that applies one.
 
 Every policy sees the same candidates (healthy workers serving the requested model, not already
-tried for this request, whose queues are not full) and returns one of them. Load numbers combine
-what this gateway knows instantly (its own in-flight calls) with what workers report through
-GetLoad (everyone's requests, a poll interval late).
+tried for this request, whose circuit breakers allow a call and whose queues are not full) and
+returns one of them. Load numbers combine what this gateway knows instantly (its own in-flight
+calls) with what workers report through GetLoad (everyone's requests, a poll interval late).
 """
 
 import hashlib
@@ -16,6 +16,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from gateway.resilience import CircuitBreaker
 
 
 class NoWorkerAvailable(Exception):
@@ -60,6 +62,7 @@ class WorkerHandle:
     load: WorkerLoad = field(default_factory=WorkerLoad)
     busy_until: float = 0.0  # time.monotonic() before which the worker said its queue is full
     failed_checks: int = 0  # consecutive failed health checks
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)  # fed by the requests' outcomes
     client: Any = None  # the pool's connection (channel and stubs); the router never touches it
 
     def score(self) -> int:
@@ -257,16 +260,20 @@ class Router:
     def pick(self, key: RouteKey, exclude: Iterable[str] = ()) -> WorkerHandle:
         """The worker for this request, skipping `exclude` (addresses already tried).
 
-        Raises UnknownModel, NoWorkerAvailable (nothing healthy left) or AllWorkersBusy (all queues full).
+        Raises UnknownModel, NoWorkerAvailable (nothing healthy left, or every breaker open) or
+        AllWorkersBusy (all queues full). A half-open breaker allows only its trials at a time.
         """
         self.check_model(key.model)
         excluded = set(exclude)
         healthy = [w for w in self.workers.values() if w.healthy and w.model == key.model and w.address not in excluded]
         if not healthy:
             raise NoWorkerAvailable(f"no healthy worker serves {key.model!r}")
+        allowed = [w for w in healthy if w.breaker.allows()]
+        if not allowed:
+            raise NoWorkerAvailable(f"every healthy worker serving {key.model!r} has its circuit breaker open")
         now = time.monotonic()
-        candidates = [w for w in healthy if not w.queue_full(now)]
+        candidates = [w for w in allowed if not w.queue_full(now)]
         if not candidates:
-            wait = min(w.busy_until for w in healthy) - now
+            wait = min(w.busy_until for w in allowed) - now
             raise AllWorkersBusy(f"every worker serving {key.model!r} has a full queue", max(1, math.ceil(wait)))
         return self.policy.choose(candidates, key)

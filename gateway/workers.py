@@ -3,8 +3,13 @@
 Each `--workers` entry is resolved to addresses; a name with many addresses (a Kubernetes headless
 service) becomes many workers, and is re-resolved periodically. Each worker gets one watcher task
 that polls `grpc.health.v1` and `GetLoad`. A worker is admitted to routing once it reports SERVING
-and answers GetModelInfo; it is ejected after consecutive failed checks or at once when a request
-finds it dead, and re-admitted when its health check passes again.
+and answers GetModelInfo; it is ejected after consecutive failed checks, at once when it answers
+NOT_SERVING (a drain, a dead engine) or when a request finds it dead or draining, and re-admitted
+when its health check passes again.
+
+Ejection is about whether a worker is up; each worker's circuit breaker (gateway/resilience.py),
+fed by the requests' outcomes, is about whether its requests succeed. The pool owns both, and the
+retry budget and backoff of the gateway process, but neither drives the other.
 """
 
 import asyncio
@@ -13,12 +18,14 @@ import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway.config import GatewayConfig
 from gateway.metrics import GatewayMetrics
+from gateway.resilience import Backoff, BreakerSettings, BreakerState, CircuitBreaker, RetryBudget
 from gateway.router import Router, WorkerHandle
 from protos.sfllm.v1 import worker_pb2, worker_pb2_grpc
 
@@ -87,6 +94,13 @@ class WorkerPool:
         self._entry_addresses: dict[str, list[str]] = {}
         self._resolver: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.breaker_settings = BreakerSettings(
+            config.breaker_failure_threshold, config.breaker_success_threshold, config.breaker_open_timeout_s
+        )
+        self.backoff = Backoff(config.retry_backoff_base_s, config.retry_backoff_cap_s)
+        self.retry_budget = RetryBudget(
+            config.retry_budget_ratio, config.retry_budget_min_per_s, config.retry_budget_window_s
+        )
 
     async def start(self) -> None:
         """Resolve the workers and check each once, so a gateway that starts next to live workers is ready."""
@@ -114,9 +128,11 @@ class WorkerPool:
                 log.warning("worker lookup failed", extra={"fields": {"entry": entry, "error": str(exc)}})
         wanted = {a for addresses in self._entry_addresses.values() for a in addresses}
         for address in wanted - set(self.router.workers):
-            worker = WorkerHandle(address=address, client=WorkerClient(address))
+            breaker = CircuitBreaker(self.breaker_settings, on_transition=self._breaker_moved(address))
+            worker = WorkerHandle(address=address, client=WorkerClient(address), breaker=breaker)
             self.router.add(worker)
             self.metrics.worker_healthy.labels(address).set(0)
+            self.metrics.worker_circuit_state.labels(address).set(BreakerState.CLOSED)
             log.info("worker added", extra={"fields": {"worker": address}})
             if self._resolver is not None:  # after start(): watch it now
                 self._watch(worker)
@@ -133,6 +149,15 @@ class WorkerPool:
         if worker is not None:
             # in-flight streams keep the channel until they end; close it once they have
             self._spawn(self._close_when_idle(worker))
+
+    def _breaker_moved(self, address: str) -> Callable[[BreakerState, BreakerState], None]:
+        def moved(old: BreakerState, new: BreakerState) -> None:
+            self.metrics.worker_circuit_state.labels(address).set(new)
+            self.metrics.worker_circuit_transitions.labels(address, old.name.lower(), new.name.lower()).inc()
+            level = logging.WARNING if new is BreakerState.OPEN else logging.INFO
+            log.log(level, "circuit breaker " + new.name.lower(), extra={"fields": {"worker": address}})
+
+        return moved
 
     async def _close_when_idle(self, worker: WorkerHandle) -> None:
         while worker.in_flight > 0:
@@ -162,6 +187,7 @@ class WorkerPool:
                 last_health = time.monotonic()
             if worker.healthy:
                 await self.poll_load(worker)
+            worker.breaker.state  # noqa: B018 (an open breaker past its timeout turns half-open, and says so)
             await asyncio.sleep(self.config.load_interval_s)
 
     async def check(self, worker: WorkerHandle) -> bool:
@@ -192,7 +218,8 @@ class WorkerPool:
             worker.failed_checks = 0
         elif worker.healthy:
             worker.failed_checks += 1
-            if worker.failed_checks >= _UNHEALTHY_AFTER:
+            # NOT_SERVING is the worker's own word (draining, or its engine died): no second check needed
+            if worker.failed_checks >= _UNHEALTHY_AFTER or reason == "not_serving":
                 self.eject(worker, f"health_{reason}")
         return worker.healthy
 

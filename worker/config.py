@@ -44,6 +44,9 @@ class WorkerConfig:
     stream_interval: int = 1
     max_message_bytes: int = 16 * 1024 * 1024  # largest Generate request accepted (the gateway sends up to 8 MiB)
     debug_step_delay_s: float = 0.0  # sleep before every engine step: tests and demos watch streams mid-way
+    # While this file exists, every Generate call ends at once with FINISH_REASON_ERROR, the worker otherwise
+    # healthy: tests of the gateway's circuit breakers and retry budget make a worker fail and recover.
+    debug_fail_file: str | None = None
     log_level: str = "info"
 
     def engine_config(self) -> EngineConfig:
@@ -157,5 +160,6 @@ def _parser() -> argparse.ArgumentParser:
         "--max-message-bytes", type=int, help=f"largest Generate request accepted (default {d.max_message_bytes})"
     )
     p.add_argument("--debug-step-delay-s", type=float, help=argparse.SUPPRESS)
+    p.add_argument("--debug-fail-file", help=argparse.SUPPRESS)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return p

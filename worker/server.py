@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.sfllm.logs import configure_logging
 from protos.sfllm.v1 import worker_pb2, worker_pb2_grpc
+from protos.sfllm.v1.wire import DRAINED_ERROR
 from sfllm_core.errors import InvalidRequestError
 from worker.children import settle_heap
 from worker.config import WorkerConfig
@@ -108,13 +109,17 @@ class WorkerServer:
         self.failed.set()
 
     async def drain(self, timeout: float) -> None:
-        """Stop taking work, let in-flight streams finish for up to `timeout` seconds, then abort the rest."""
+        """Stop taking work, let in-flight streams finish for up to `timeout` seconds, then abort the rest.
+
+        The aborted streams end with FINISH_REASON_ABORT and error DRAINED_ERROR, which tells a router
+        that the worker left rather than failed them, so that it may resume them elsewhere.
+        """
         await self.health.enter_graceful_shutdown()  # NOT_SERVING for good: routers stop sending work
         self.service.begin_drain()
         log.info("draining", extra={"fields": {"timeout_s": timeout}})
         if not await self.service.wait_idle(timeout):
             log.warning("drain timed out; aborting the remaining requests")
-            self.service.abort_all()
+            self.service.abort_all(DRAINED_ERROR)
             await self.service.wait_idle(5.0)
 
     async def stop(self, grace: float = 1.0) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ import grpc
 
 from protos.sfllm.v1 import worker_pb2 as pb
 from protos.sfllm.v1 import worker_pb2_grpc
-from protos.sfllm.v1.wire import ERROR_PARAM_KEY, FINISH_REASONS, RETRY_AFTER_KEY
+from protos.sfllm.v1.wire import DRAINING_KEY, ERROR_PARAM_KEY, FINISH_REASONS, RETRY_AFTER_KEY
 from sfllm_core.errors import ContextLengthError, InvalidRequestError
 from sfllm_core.models.loader import encode_prompt
 from sfllm_core.sampling_params import MAX_LOGIT_BIAS, Constraint, SamplingParams
@@ -105,6 +106,7 @@ class _Call:
         self.choices: list[_Choice] = []
         self.refusal: Rejected | None = None
         self.abort_requested = False  # an Abort RPC came (maybe before the engine had the requests)
+        self.abort_error = ""  # Finished.error of its aborted completions: wire.DRAINED_ERROR after a drain's abort
         self._wake = asyncio.Event()
 
     def start(self, num_prompt_tokens: int, n: int) -> None:
@@ -199,9 +201,8 @@ class _Call:
             completion_tokens=completion_tokens,
             cached_prompt_tokens=choice.num_cached_tokens,
         )
-        done = pb.Finished(
-            finish_reason=FINISH_REASONS[out.finish_reason or "stop"], usage=usage, error=out.error or ""
-        )
+        error = out.error or (self.abort_error if out.finish_reason == "abort" else "")
+        done = pb.Finished(finish_reason=FINISH_REASONS[out.finish_reason or "stop"], usage=usage, error=error)
         if out.stop_string is not None:
             done.stop_string = out.stop_string
         elif out.stop_token_id is not None:
@@ -284,9 +285,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             return False
         return True
 
-    def abort_all(self) -> None:
-        """Abort every in-flight Generate call (their streams end with FINISH_REASON_ABORT)."""
+    def abort_all(self, error: str = "") -> None:
+        """Abort every in-flight Generate call (their streams end with FINISH_REASON_ABORT and this error)."""
         for call in list(self._calls.values()):
+            call.abort_error = error
             self._abort(call)
 
     def _abort(self, call: _Call) -> None:
@@ -352,7 +354,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         engine = await self._ready_engine(context)
         if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the worker is draining; send the request elsewhere")
+            message = "the worker is draining; send the request elsewhere"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, message, trailing_metadata=((DRAINING_KEY, "1"),))
+        fail_file = self._config.debug_fail_file
+        if fail_file and os.path.exists(fail_file):  # fault injection, for tests of the callers' failure handling
+            error = f"debug: failing on purpose while {fail_file} exists"
+            finished = pb.Finished(finish_reason=pb.FINISH_REASON_ERROR, error=error)
+            yield pb.GenerateResponse(request_id=request.request_id, finished=finished)
+            return
         started_at = time.monotonic()
         request_id = request.request_id or uuid.uuid4().hex
         record: dict[str, Any] = {"request_id": request_id, "status": "OK"}

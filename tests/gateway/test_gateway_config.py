@@ -31,6 +31,19 @@ def test_bad_policy_from_environment_is_refused() -> None:
         GatewayConfig.from_args(["--workers", "a:1"], {"SFLLM_GATEWAY_POLICY": "random"})
 
 
+def test_breaker_and_retry_settings_from_flags_and_environment() -> None:
+    defaults = GatewayConfig.from_args(["--workers", "a:1"], {})
+    assert (defaults.breaker_failure_threshold, defaults.breaker_success_threshold) == (5, 2)  # SGLang's
+    assert defaults.breaker_open_timeout_s == 30 and defaults.retry_budget_ratio == 0.2
+    env = {"SFLLM_GATEWAY_RETRY_BUDGET_RATIO": "0.5", "SFLLM_GATEWAY_BREAKER_OPEN_TIMEOUT_S": "5"}
+    config = GatewayConfig.from_args(["--workers", "a:1", "--breaker-failure-threshold", "3"], env)
+    assert (config.breaker_failure_threshold, config.breaker_open_timeout_s, config.retry_budget_ratio) == (3, 5, 0.5)
+    bad = [["--breaker-success-threshold", "0"], ["--retry-backoff-cap-s", "0.01"], ["--retry-budget-ratio", "-1"]]
+    for flags in bad:
+        with pytest.raises(SystemExit):
+            GatewayConfig.from_args(["--workers", "a:1", *flags], {})
+
+
 def test_api_keys() -> None:
     assert ApiKeyChecker([]).allows(None)
     checker = ApiKeyChecker(["secret", "other"])

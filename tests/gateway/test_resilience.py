@@ -299,10 +299,12 @@ def test_a_draining_worker_is_retried_on_the_other_one(
             assert reply.choices[0].finish_reason in ("stop", "length")
             assert routed_delta(gw, before) == {draining.target: 1, other.target: 1}  # refused there, served here
             after = retries(gw)
-            assert after.get("worker_failed", 0) - retried.get("worker_failed", 0) == 1, after
+            assert after.get("worker_draining", 0) - retried.get("worker_draining", 0) == 1, after
+            assert after.get("worker_failed", 0) == retried.get("worker_failed", 0), after  # leaving is not failing
             assert after.get("worker_busy", 0) == retried.get("worker_busy", 0), after
-            assert ejections(gw, draining.target) == {"unavailable": 1}
+            assert ejections(gw, draining.target) == {"draining": 1}
             assert not healthy(gw, draining.target)
+            assert gw.app.state.router.workers[draining.target].breaker.consecutive_failures == 0
             hold.cancel()
         assert draining.proc.wait(30) == 0
     finally:

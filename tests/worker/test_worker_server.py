@@ -15,6 +15,7 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from protos.sfllm.v1 import worker_pb2 as pb
+from protos.sfllm.v1.wire import DRAINED_ERROR, DRAINING_KEY
 from sfllm_core.sampling_params import SamplingParams
 from worker.client import WorkerClient
 
@@ -70,6 +71,7 @@ def test_drain_keeps_streams_going_and_refuses_new_work(make_worker):
         with pytest.raises(grpc.RpcError) as info:
             client.generate(PROMPT, max_tokens=2)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in info.value.details()
+        assert DRAINING_KEY in dict(info.value.trailing_metadata())  # callers tell a drain from a failure
         for stream in streams:
             rest = list(stream)
             assert rest[-1].finished.finish_reason == pb.FINISH_REASON_LENGTH
@@ -84,7 +86,9 @@ def test_drain_that_runs_out_of_time_aborts_the_rest(make_worker):
         stream = client.stream(PROMPT, max_tokens=400, temperature=0, ignore_eos=True)
         next(stream)
         worker.drain(timeout=0.2).result(timeout=10)
-        assert list(stream)[-1].finished.finish_reason == pb.FINISH_REASON_ABORT
+        finished = list(stream)[-1].finished
+        assert finished.finish_reason == pb.FINISH_REASON_ABORT
+        assert finished.error == DRAINED_ERROR == "worker drained"  # not failed: a router may resume it elsewhere
 
 
 def test_a_full_queue_is_resource_exhausted_with_a_retry_hint(make_worker):

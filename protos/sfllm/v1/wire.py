@@ -11,6 +11,12 @@ ERROR_PARAM_KEY = "sfllm-error-param"
 # Trailing metadata of a RESOURCE_EXHAUSTED that means "queue full": a suggested wait in milliseconds.
 # Its absence marks a message-size error, the caller's fault.
 RETRY_AFTER_KEY = "retry-after-ms"
+# Trailing metadata of an UNAVAILABLE that means "draining": the worker refuses new calls for good; send them
+# elsewhere, and hold it no failure (it is being shut down on purpose).
+DRAINING_KEY = "sfllm-draining"
+# Finished.error of a FINISH_REASON_ABORT that a drain forced (its time ran out): the worker did not fail the
+# request, so a caller may resume it on another worker. Other aborts (Abort, a cancelled call) have no error.
+DRAINED_ERROR = "worker drained"
 
 # FinishReason values by the names the engine and the OpenAI API use, and back.
 FINISH_REASONS = {
