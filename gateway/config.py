@@ -44,6 +44,8 @@ class GatewayConfig:
     max_in_flight: int = 1024  # requests the gateway holds at once; past it, 429
     max_request_bytes: int = 8 * 1024 * 1024
     max_attempts: int = 3  # workers tried for one request before its first token
+    # Times one streamed completion may move to another worker after part of it reached the client; 0: never.
+    max_migrations: int = 2
     health_interval_s: float = 1.0
     health_timeout_s: float = 1.0
     load_interval_s: float = 0.25
@@ -88,6 +90,8 @@ class GatewayConfig:
             raise ValueError(f"retry_backoff_cap_s must be >= retry_backoff_base_s ({self.retry_backoff_base_s})")
         if self.prefix_load_factor < 1.0:
             raise ValueError(f"prefix_load_factor must be >= 1, got {self.prefix_load_factor}")
+        if self.max_migrations < 0:
+            raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> "GatewayConfig":
@@ -114,6 +118,7 @@ class GatewayConfig:
             parser.add_argument(
                 "--" + name.replace("_", "-"), type=float, default=env_or(name, getattr(defaults, name))
             )
+        parser.add_argument("--max-migrations", type=int, default=env_or("max_migrations", defaults.max_migrations))
         parser.add_argument("--log-level", default=env_or("log_level", defaults.log_level))
         args = parser.parse_args(argv)
 
@@ -128,6 +133,7 @@ class GatewayConfig:
             max_in_flight=int(args.max_in_flight),
             max_request_bytes=int(args.max_request_bytes),
             max_attempts=int(args.max_attempts),
+            max_migrations=int(args.max_migrations),
             prefix_chunk_chars=int(args.prefix_chunk_chars),
             prefix_max_chars=int(args.prefix_max_chars),
             prefix_load_factor=float(args.prefix_load_factor),

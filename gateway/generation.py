@@ -4,9 +4,15 @@ Failure semantics (what the client sees):
 - A call that fails before anything of it reached the client (worker dead, draining, queue full,
   engine error) is re-sent to another worker; the client never knows. Non-streamed requests
   reach the client only at the end, so for them any failure short of the end is invisible.
-- A streamed call that fails after some of its text reached the client ends the stream with an
-  OpenAI error event. (Continuing on another worker would need the prompt's token ids and a way to
-  resume a chat prompt with partial output, which the worker API does not offer.)
+- A streamed call that fails after some of its output reached the client (worker dead, connection
+  lost, FINISH_REASON_ABORT from a drain, an engine error) is migrated: each of its unfinished
+  completions is re-sent to another worker as its own n=1 call, the prompt as token ids (PromptInfo
+  returns them) plus, as `continuation`, the tokens the client was shown. The new worker goes on as
+  if it had generated those itself (max_tokens, penalties, stop strings and a seed's noise count
+  them), so the client sees one stream and usage covers the whole completion. Tokens the client was
+  not shown (their text held back: a stop string's start, part of a character) are left out and
+  generated again. A completion moves at most `max_migrations` times; past that, or when no worker
+  is left, the stream ends with an OpenAI error event.
 - A cancelled run (client gone) cancels its gRPC calls, which makes the worker abort and free the
   sequences, and also sends Abort for good measure.
 - A Generate request over the worker's message-size limit is the client's fault (413); it is
@@ -74,6 +80,17 @@ class Finish:
 
 
 @dataclass
+class _Leg:
+    """What one Generate call asks for: its request, the choices its indices 0, 1, ... fill, and how
+    many times those choices have moved to another worker before it (0: the job's own call)."""
+
+    request: pb.GenerateRequest
+    choices: list[int]
+    migrations: int = 0
+    exclude: frozenset[str] = frozenset()  # workers that failed these choices already
+
+
+@dataclass
 class _Done:
     prompt_index: int
 
@@ -89,6 +106,7 @@ class RunStats:
 
     workers: list[str] = field(default_factory=list)
     retries: int = 0
+    migrations: int = 0  # completions moved to another worker mid-stream
     first_token_at: float | None = None
 
 
@@ -120,6 +138,7 @@ class GenerationRun:
         metrics: GatewayMetrics,
         max_attempts: int,
         buffered: bool,
+        max_migrations: int = 0,
     ) -> None:
         self.request_id = request_id
         self.jobs = jobs
@@ -128,9 +147,16 @@ class GenerationRun:
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.buffered = buffered
+        self.max_migrations = 0 if buffered else max_migrations  # a buffered call is retried whole instead
         self.stats = RunStats()
         self.num_prompt_tokens = [0] * len(jobs)
         self.prompts: list[pb.PromptInfo | None] = [None] * len(jobs)
+        # What a migration re-sends: each prompt's token ids, and per choice the token ids the client was shown.
+        self._prompt_ids: list[list[int] | None] = [
+            list(job.request.token_ids.ids) if job.request.WhichOneof("input") == "token_ids" else None for job in jobs
+        ]
+        self._shown: dict[int, list[int]] = {}
+        self._finished: set[int] = set()
         self._queue: asyncio.Queue[Delta | Finish | _Done | _Failed] = asyncio.Queue(_QUEUE_SIZE)
         self._accepted = [asyncio.get_running_loop().create_future() for _ in jobs]
         self._tasks: list[asyncio.Task[None]] = []
@@ -216,9 +242,13 @@ class GenerationRun:
             if not accepted.done():
                 accepted.cancel()
 
-    async def _attempts(self, index: int, job: PromptJob, accepted: asyncio.Future[int]) -> None:
-        """Try workers until the call completes, or fails after the client saw part of it."""
-        tried: set[str] = set()
+    async def _attempts(
+        self, index: int, job: PromptJob, accepted: asyncio.Future[int], leg: _Leg | None = None
+    ) -> None:
+        """Try workers until the call completes; if it fails after the client saw part of it, migrate."""
+        if leg is None:
+            leg = self._first_leg(job)
+        tried: set[str] = set(leg.exclude)
         failures = 0
         busy = 0
         last_failure = ""
@@ -245,19 +275,22 @@ class GenerationRun:
                 self.metrics.retry_backoff.observe(backoff_s)
                 await asyncio.sleep(backoff_s)
             tried.add(worker.address)
-            attempt = _Attempt(worker, f"{self.request_id}-{index}-{len(tried)}")
-            if len(tried) > 1:
+            tag = f"-c{leg.choices[0]}m{leg.migrations}" if leg.migrations else ""
+            attempt = _Attempt(worker, f"{self.request_id}-{index}{tag}-{len(tried)}")
+            if len(tried) > len(leg.exclude) + 1:
                 self.stats.retries += 1
             self.stats.workers.append(worker.address)
             ticket = worker.breaker.acquire()
             failure: str | None = None  # what the worker did wrong, if anything
             try:
-                await self._call(index, attempt, job, accepted)
+                await self._call(index, attempt, job, leg, accepted)
                 worker.breaker.succeeded(ticket)
                 return
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+                    if leg.migrations:  # the client's request was fine on the first worker: this one differs
+                        raise _cut_short(f"{code.name}: {exc.details()}") from None
                     raise _invalid_argument(exc, job.prompt_param) from None
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _metadata(exc, RETRY_AFTER_KEY) is None:
                     # Not the worker's queue (that one always sends its retry hint): a message over gRPC's size limit.
@@ -287,13 +320,8 @@ class GenerationRun:
             last_failure = f"{worker.address} {failure}"
             failures += 0 if drained else 1
             if attempt.emitted:
-                raise APIError(
-                    502,
-                    f"the worker serving this request failed mid-stream ({failure}); the output is incomplete",
-                    "server_error",
-                    None,
-                    "worker_failed",
-                ) from None
+                await self._migrate(index, job, leg, accepted, frozenset(tried), failure)
+                return
             if failures >= self.max_attempts:
                 raise errors.no_healthy_worker(f"gave up after {failures} failed attempts; last: {last_failure}")
             if drained:  # sent elsewhere at once, as a full queue is: the worker failed nothing
@@ -305,11 +333,13 @@ class GenerationRun:
                 extra={"fields": {"request_id": self.request_id, "worker": worker.address, "failure": failure}},
             )
 
-    async def _call(self, index: int, attempt: _Attempt, job: PromptJob, accepted: asyncio.Future[int]) -> None:
+    async def _call(
+        self, index: int, attempt: _Attempt, job: PromptJob, leg: _Leg, accepted: asyncio.Future[int]
+    ) -> None:
         """One Generate call, relaying its events; raises AioRpcError or _EngineFailure on failure."""
         worker = attempt.worker
         request = pb.GenerateRequest()
-        request.CopyFrom(job.request)
+        request.CopyFrom(leg.request)
         request.request_id = attempt.request_id
         worker.in_flight += 1
         self.metrics.worker_in_flight.labels(worker.address).set(worker.in_flight)
@@ -322,11 +352,13 @@ class GenerationRun:
         try:
             async for response in call:
                 kind = response.WhichOneof("event")
-                choice = job.first_choice + response.index
+                choice = leg.choices[response.index]
                 if kind == "prompt":
                     if not accepted.done():
                         self.prompts[index] = response.prompt  # its text and logprobs, when asked for (echo)
                         self.num_prompt_tokens[index] = response.prompt.num_prompt_tokens
+                        if response.prompt.prompt_token_ids:
+                            self._prompt_ids[index] = list(response.prompt.prompt_token_ids)
                         accepted.set_result(response.prompt.num_prompt_tokens)
                     continue
                 if kind == "delta":
@@ -356,8 +388,14 @@ class GenerationRun:
                 else:
                     attempt.emitted = True
                     await self._queue.put(event)
-            if finished < job.n:
-                raise _EngineFailure(f"UNAVAILABLE: the stream ended after {finished} of {job.n} completions")
+                    if isinstance(event, Delta):
+                        self._shown.setdefault(choice, []).extend(event.token_ids)
+                    else:
+                        self._finished.add(choice)
+            if finished < len(leg.choices):
+                raise _EngineFailure(
+                    f"UNAVAILABLE: the stream ended after {finished} of {len(leg.choices)} completions"
+                )
             for event in held:
                 await self._queue.put(event)
         finally:
@@ -367,6 +405,73 @@ class GenerationRun:
                 # the client left (or a sibling call failed): stop the worker's work at once
                 call.cancel()
                 self.pool.abort_in_background(worker, [attempt.request_id])
+
+    # -- migration -------------------------------------------------------------------------------
+
+    def _first_leg(self, job: PromptJob) -> _Leg:
+        """The job's own call: all its choices; a streamed one asks for the prompt's token ids, to migrate with."""
+        request = job.request
+        if self.max_migrations and request.WhichOneof("input") != "token_ids":
+            request = pb.GenerateRequest()
+            request.CopyFrom(job.request)
+            request.return_prompt_token_ids = True
+        return _Leg(request, list(range(job.first_choice, job.first_choice + job.n)))
+
+    async def _migrate(
+        self,
+        index: int,
+        job: PromptJob,
+        leg: _Leg,
+        accepted: asyncio.Future[int],
+        exclude: frozenset[str],
+        failure: str,
+    ) -> None:
+        """Go on with a call's unfinished choices elsewhere, each as its own call continuing what the client saw."""
+        prompt_ids = self._prompt_ids[index]
+        if leg.migrations >= self.max_migrations or prompt_ids is None:
+            raise _cut_short(failure)
+        legs = []
+        for choice in leg.choices:
+            if choice in self._finished:
+                continue
+            shown = self._shown.get(choice, [])
+            request = pb.GenerateRequest(sampling=job.request.sampling)
+            request.token_ids.ids.extend(prompt_ids)
+            request.continuation.ids.extend(shown)
+            sampling = request.sampling
+            if sampling.HasField("max_tokens") and len(shown) >= sampling.max_tokens:
+                # Every token reached the client, only the end did not.
+                await self._queue.put(Finish(choice, "length", len(shown), 0))
+                self._finished.add(choice)
+                continue
+            if sampling.HasField("seed"):
+                sampling.seed += choice - job.first_choice  # completion i of an n > 1 call samples with seed + i
+            sampling.n = 1
+            legs.append(_Leg(request, [choice], leg.migrations + 1, exclude))
+        self.stats.migrations += len(legs)
+        self.metrics.retries.labels("migrated").inc(len(legs))
+        log.warning(
+            "migrating mid-stream",
+            extra={"fields": {"request_id": self.request_id, "failure": failure, "choices": [g.choices for g in legs]}},
+        )
+        attempts = [asyncio.ensure_future(self._attempts(index, job, accepted, g)) for g in legs]
+        try:
+            await asyncio.gather(*attempts)
+        finally:  # one that failed for good ends the request: stop its siblings
+            for task in attempts:
+                task.cancel()
+            await asyncio.gather(*attempts, return_exceptions=True)
+
+
+def _cut_short(failure: str) -> APIError:
+    """The error event of a stream that failed mid-way and could not be continued."""
+    return APIError(
+        502,
+        f"the worker serving this request failed mid-stream ({failure}); the output is incomplete",
+        "server_error",
+        None,
+        "worker_failed",
+    )
 
 
 class _EngineFailure(Exception):

@@ -596,7 +596,14 @@ class NativeServing:
                 record.finish(self.metrics)
 
         run = GenerationRun(
-            plan.run_id, plan.jobs, self.router, self.pool, self.metrics, self.config.max_attempts, not req.stream
+            plan.run_id,
+            plan.jobs,
+            self.router,
+            self.pool,
+            self.metrics,
+            self.config.max_attempts,
+            not req.stream,
+            max_migrations=self.config.max_migrations,
         )
         record.run = run
         try:

@@ -94,6 +94,7 @@ class RequestRecord:
             "e2e_s": round(elapsed, 4),
             "workers": self.run.stats.workers if self.run else [],
             "retries": self.run.stats.retries if self.run else 0,
+            "migrations": self.run.stats.migrations if self.run else 0,
             "disconnected": self.disconnected,
             "error": self.error,
         }
@@ -375,6 +376,7 @@ class OpenAIServing:
             self.metrics,
             self.config.max_attempts,
             buffered=not req.stream,
+            max_migrations=self.config.max_migrations,
         )
         record.run = run
         try:

@@ -25,12 +25,14 @@ def build_request(
     token_ids: Sequence[int] | None = None,
     request_id: str = "",
     add_special_tokens: bool | None = None,
+    continuation: Sequence[int] | None = None,
     **sampling: object,
 ) -> pb.GenerateRequest:
     """A GenerateRequest from exactly one of prompt / messages / token_ids and sampling fields by name.
 
     Sampling keywords are the fields of sfllm.v1.SamplingParams (max_tokens, temperature, stop, n, ...);
-    ones not given stay unset, so the worker's defaults apply.
+    ones not given stay unset, so the worker's defaults apply. continuation: output already generated
+    for token_ids, which the completion goes on from.
     """
     if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages or token_ids")
@@ -43,6 +45,8 @@ def build_request(
         request.token_ids.ids.extend(token_ids or ())
     if add_special_tokens is not None:
         request.add_special_tokens = add_special_tokens
+    if continuation:
+        request.continuation.ids.extend(continuation)
     return request
 
 

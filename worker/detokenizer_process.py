@@ -50,6 +50,13 @@ class _RequestText:
     def __init__(self, tokenizer: Any, params: DetokParams) -> None:
         self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens)
         self.stop = StopStringMatcher(params.stops) if params.stops else None
+        # A continued request: replay the earlier output so that both states stand where the first
+        # worker's did (text it held back, a stop string's start or part of a character, is held
+        # again); what the replay emits was sent by that worker already.
+        for token_id in params.continuation:
+            text = self.detok.push(token_id)
+            if self.stop is not None:
+                self.stop.push(text)
 
 
 class DetokenizerProcess:
@@ -150,7 +157,11 @@ class DetokenizerProcess:
                     abort_engine=not out.finished,
                 )
         item = TextOutput(out.request_id, token_ids, "".join(parts), logprobs, out.num_cached_tokens)
-        if out.finished:
+        if out.finished and out.finish_reason in ("abort", "error"):
+            # Cut short, not ended: text held back stays back (a router continuing the completion
+            # elsewhere generates those tokens again, and their text is then sent once).
+            item.finished, item.finish_reason, item.error = True, out.finish_reason, out.error
+        elif out.finished:
             tail = detok.flush()
             if stop is not None:
                 tail = stop.push(tail)

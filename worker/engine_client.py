@@ -141,11 +141,14 @@ class EngineClient:
     def add(
         self, rid: str, prompt_ids: list[int], params: SamplingParams, detok: DetokParams, sink: OutputSink, index: int
     ) -> None:
-        """Send one engine request; its results go to sink (on_text, or on_rejected once)."""
+        """Send one engine request; its results go to sink (on_text, or on_rejected once).
+
+        detok.continuation, when set, is output generated before: the engine's sequence starts with it too.
+        """
         if self.failure is not None:
             raise RuntimeError(self.failure)
         self._sinks[rid] = (sink, index)
-        self._to_engine.send(self._encode(AddRequest(rid, prompt_ids, params, detok)))
+        self._to_engine.send(self._encode(AddRequest(rid, prompt_ids, params, detok, detok.continuation)))
 
     def abort(self, rids: list[str]) -> None:
         """Stop engine requests; each still ends at its sink, with finish_reason "abort"."""

@@ -151,7 +151,7 @@ class EngineServer:
             msg = self._decode(frame)
             if isinstance(msg, AddRequest):
                 try:
-                    engine.submit(engine.make_sequence(msg.rid, msg.prompt_ids, msg.params))
+                    engine.submit(engine.make_sequence(msg.rid, msg.prompt_ids, msg.params, msg.continuation))
                 except InvalidRequestError as exc:
                     self.to_front.send(self._encode(Rejected(msg.rid, "invalid", exc.message, exc.param)))
                 except QueueFullError as exc:

@@ -26,6 +26,8 @@ class DetokParams(msgspec.Struct, array_like=True, frozen=True):
 
     stops: list[str]
     skip_special_tokens: bool
+    # Output generated before (a continued request): the text state starts after it, its text not sent again.
+    continuation: list[int] = msgspec.field(default_factory=list)
 
 
 class AddRequest(msgspec.Struct, tag="add", array_like=True):
@@ -33,6 +35,7 @@ class AddRequest(msgspec.Struct, tag="add", array_like=True):
     prompt_ids: list[int]
     params: SamplingParams
     detok: DetokParams
+    continuation: list[int] = msgspec.field(default_factory=list)  # output the sequence starts with
 
 
 class AbortRequests(msgspec.Struct, tag="abort", array_like=True):

@@ -56,7 +56,7 @@ class _Prepared:
 
     prompt_ids: list[int]
     params: list[SamplingParams]
-    detok: DetokParams
+    detok: DetokParams  # its continuation: output generated before, which the completion goes on from
 
 
 class _Choice:
@@ -103,15 +103,17 @@ class _Call:
         self.metrics = metrics
         self.started_at = started_at
         self.num_prompt_tokens = 0
+        self.num_continuation_tokens = 0  # output generated before this call (n is 1 then): in usage, not streamed
         self.choices: list[_Choice] = []
         self.refusal: Rejected | None = None
         self.abort_requested = False  # an Abort RPC came (maybe before the engine had the requests)
         self.abort_error = ""  # Finished.error of its aborted completions: wire.DRAINED_ERROR after a drain's abort
         self._wake = asyncio.Event()
 
-    def start(self, num_prompt_tokens: int, n: int) -> None:
+    def start(self, num_prompt_tokens: int, n: int, num_continuation_tokens: int = 0) -> None:
         """Name the call's completions once its prompt is known: engine ids are request_id, or request_id#i."""
         self.num_prompt_tokens = num_prompt_tokens
+        self.num_continuation_tokens = num_continuation_tokens
         self.choices = [_Choice(i, self.request_id if n == 1 else f"{self.request_id}#{i}") for i in range(n)]
 
     # -- OutputSink: called by EngineClient on the event loop --------------------------------------
@@ -195,7 +197,8 @@ class _Call:
         return responses
 
     def _finished(self, choice: _Choice, out: TextOutput) -> pb.GenerateResponse:
-        completion_tokens = choice.num_tokens + (1 if out.stop_token_id is not None else 0)
+        stop_token = 1 if out.stop_token_id is not None else 0
+        completion_tokens = self.num_continuation_tokens + choice.num_tokens + stop_token
         usage = pb.Usage(
             prompt_tokens=self.num_prompt_tokens,
             completion_tokens=completion_tokens,
@@ -381,7 +384,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     prepared = await asyncio.to_thread(self._prepare, request)
                 record["n"] = len(prepared.params)
                 record["prompt_tokens"] = len(prepared.prompt_ids)
-                call.start(len(prepared.prompt_ids), len(prepared.params))
+                continuation = prepared.detok.continuation
+                if continuation:
+                    record["continuation_tokens"] = len(continuation)
+                call.start(len(prepared.prompt_ids), len(prepared.params), len(continuation))
                 for choice, params in zip(call.choices, prepared.params, strict=True):
                     engine.add(choice.engine_id, prepared.prompt_ids, params, prepared.detok, call, choice.index)
                 if call.abort_requested:  # Abort arrived before the engine knew the ids
@@ -447,6 +453,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     ) -> pb.PromptInfo:
         """PromptInfo for one completion: the prompt's size, and its text and logprobs if asked for."""
         prompt = pb.PromptInfo(num_prompt_tokens=len(prompt_ids), prompt_text=prompt_text)
+        if request.return_prompt_token_ids:
+            prompt.prompt_token_ids.extend(prompt_ids)
         # None: the completion ended (aborted, failed) before its prefill did; there is nothing to send.
         if request.HasField("prompt_logprobs") and choice.prompt_logprobs is not None:
             first = pb.TokenLogprob(token_id=prompt_ids[0], token=self._decode(prompt_ids[:1]), logprob=math.nan)
@@ -505,7 +513,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             p = dataclasses.replace(base, seed=seed, stop_token_ids=list(base.stop_token_ids))  # n owners, n lists
             limits.check_fits(len(prompt_ids), p)  # the prompt itself was checked once, in _prompt_ids
             params.append(p)
-        detok = DetokParams(list(s.stop), value("skip_special_tokens", True))
+        continuation = list(request.continuation.ids)
+        if continuation:
+            _check_continuation(request, n)
+            limits.check_continuation(continuation, params[0])
+        detok = DetokParams(list(s.stop), value("skip_special_tokens", True), continuation)
         return _Prepared(prompt_ids, params, detok)
 
     def _prompt_ids(self, request: pb.GenerateRequest) -> list[int]:
@@ -590,6 +602,14 @@ def _json_field(text: str, kind: type, param: str) -> Any:
     if not isinstance(value, kind):
         raise InvalidRequestError(f"{param} must be a JSON {'array' if kind is list else 'object'}", param)
     return value
+
+
+def _check_continuation(request: pb.GenerateRequest, n: int) -> None:
+    """A continuation goes on from one completion of a prompt given as token ids."""
+    if request.WhichOneof("input") != "token_ids":
+        raise InvalidRequestError("continuation requires the prompt as token_ids", "continuation")
+    if n != 1:
+        raise InvalidRequestError(f"continuation requires n == 1, got {n}", "continuation")
 
 
 def _constraint(s: pb.SamplingParams) -> Constraint | None:

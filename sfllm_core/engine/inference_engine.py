@@ -15,7 +15,7 @@ import torch
 
 from sfllm_core.config import EngineConfig
 from sfllm_core.engine.engine_loop import EngineLoop
-from sfllm_core.engine.grammar import GrammarBackend
+from sfllm_core.engine.grammar import GrammarBackend, accept_tokens
 from sfllm_core.engine.limits import EngineLimits
 from sfllm_core.engine.memory_pool import MemoryPool
 from sfllm_core.engine.model_runner import ModelRunner
@@ -212,15 +212,22 @@ class InferenceEngine:
             raise InvalidRequestError("this engine has no tokenizer; pass token ids", "prompt")
         return encode_prompt(self.tokenizer, text)
 
-    def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> RequestSequence:
-        """Validate a request; raises InvalidRequestError (or ContextLengthError) naming the field."""
+    def make_sequence(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, continuation: list[int] | None = None
+    ) -> RequestSequence:
+        """Validate a request; raises InvalidRequestError (or ContextLengthError) naming the field.
+
+        A continuation is output already generated for this prompt (elsewhere): the sequence goes on from it.
+        """
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("params must be a SamplingParams", "params")
         token_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.limits.check(token_ids, params)
+        if continuation:
+            self.limits.check_continuation(continuation, params)
         if params.constraint is not None and not self.grammar.has_tokenizer:
             raise InvalidRequestError("constrained decoding needs a tokenizer, and this engine has none", "constraint")
-        return RequestSequence(request_id, token_ids, params)
+        return RequestSequence(request_id, token_ids, params, continuation or ())
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         """Validate and queue a request (thread-safe); it runs on the next step."""
@@ -282,6 +289,14 @@ class InferenceEngine:
                 outputs.append(self._output(seq, [], None, finished=True, error=error))
                 continue
             seq.grammar = self.grammar.matcher(future.result(), self.eos_token_ids)
+            for token in seq.output_token_ids:  # a continuation: the matcher starts where its output ends
+                if seq.grammar.rejected is None:
+                    accept_tokens([seq.grammar], [token])
+            if seq.grammar.rejected is not None:
+                error = f"the constraint does not accept the continuation's token {seq.grammar.rejected}"
+                self._finish(seq, "error")
+                outputs.append(self._output(seq, [], None, finished=True, error=error))
+                continue
             self.scheduler.add(seq)
         self._grammar_queue = waiting
         return outputs

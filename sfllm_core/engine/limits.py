@@ -51,6 +51,22 @@ class EngineLimits:
                 f"the request needs {pages} KV pages but the cache holds {self.num_pages}", "max_tokens"
             )
 
+    def check_continuation(self, token_ids: list[int], params: SamplingParams, param: str = "continuation") -> None:
+        """Raise InvalidRequestError for output already generated that is out of vocabulary or leaves no
+        token to generate (it counts toward max_tokens)."""
+        vocab = self.vocab_size
+        for tok in token_ids:
+            if not isinstance(tok, int) or not 0 <= tok < vocab:
+                raise InvalidRequestError(
+                    f"{param} contains token id {tok!r}, outside the vocabulary [0, {vocab})", param
+                )
+        if params.prompt_logprobs is not None:
+            raise InvalidRequestError(f"{param} cannot be combined with prompt_logprobs", param)
+        if len(token_ids) >= params.max_tokens:
+            raise InvalidRequestError(
+                f"{param} has {len(token_ids)} tokens, leaving none of max_tokens {params.max_tokens}", param
+            )
+
     def room(self, num_prompt_tokens: int) -> int:
         """Most tokens a prompt of this length leaves for its completion (context and KV cache both)."""
         return min(self.max_context_length, self.kv_capacity_tokens) - num_prompt_tokens

@@ -2,9 +2,8 @@
 
 import enum
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
-
-import torch
 
 from sfllm_core.outputs import TokenLogprob
 from sfllm_core.sampling_params import SamplingParams
@@ -27,13 +26,17 @@ class RequestSequence:
     """A request's state machine: WAITING -> RUNNING (-> WAITING on preemption) -> FINISHED.
 
     `num_computed_tokens` counts the tokens whose K/V are in this sequence's pages; a step feeds the
-    next chunk of `token_ids` from there, and samples once every token has been computed.
+    next chunk of `token_ids` from there, and samples once every token has been computed. A
+    continuation (output generated elsewhere, e.g. on a worker that died) starts the output: its
+    K/V are computed with the prompt's, and it counts as output for max_tokens, penalties and seeds.
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, continuation: Sequence[int] = ()
+    ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
-        self.token_ids = list(prompt_token_ids)
+        self.token_ids = self.prompt_token_ids + list(continuation)
         self.params = params
         self.status = SequenceStatus.WAITING
         self.pages: list[int] = []
@@ -52,7 +55,6 @@ class RequestSequence:
         self.prompt_logprobs: list[TokenLogprob] | None = [] if params.prompt_logprobs is not None else None
         self.prompt_logprobs_sent = False
         self.arrival_time = time.monotonic()
-        self.generator: torch.Generator | None = None  # the Sampler makes it on the logits' device
         self.admitted = False  # set at first admission; preemption does not reset it
         # A constrained request's matcher, set once its grammar is compiled; kept across preemption
         # (the output so far is kept too) and closed when the sequence ends.

@@ -124,8 +124,8 @@ class Scheduler:
                 seq.window_start = self.pool.window_start(seq.num_computed_tokens)
                 if self.pool.window:
                     seq.window_pages = self.pool.window_page_row(seq.pages, seq.window_start)
-                if not seq.admitted:
-                    seq.num_cached_tokens = seq.num_computed_tokens
+                if not seq.admitted:  # a continuation's own tokens found cached are not prompt tokens
+                    seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self.chunk_limit)
             need = self._pages_needed(seq, num_new)
             if need > self.pool.num_free_pages:

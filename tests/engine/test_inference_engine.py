@@ -265,3 +265,22 @@ def test_prefix_cache_shares_window_pages_too(gemma3_path):
     assert seq.num_cached_tokens == 24  # the companions of the last window of cached pages survived
     assert seq.output_token_ids == first.token_ids
     _assert_clean(engine)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=1.0, seed=5)], ids=["greedy", "seeded"])
+def test_a_continuation_goes_on_as_the_uninterrupted_sequence(model_path, sampling):
+    """Output generated elsewhere, given as a continuation, is prefilled with the prompt and counts as output."""
+    engine = InferenceEngine(model_path=model_path, dtype="float32", max_num_batched_tokens=8)  # chunked
+    params = SamplingParams(max_tokens=24, ignore_eos=True, **sampling)
+    prompt = _prompts(engine.vocab_size, [13])[0]
+    whole = engine.generate([prompt], params)[0].token_ids
+    for cut in (1, 11, 23):
+        seq = engine.make_sequence(f"cont-{cut}", prompt, params, whole[:cut])
+        engine.submit(seq)
+        while not seq.is_finished:
+            engine.step()
+        assert (seq.output_token_ids, seq.finish_reason) == (whole, "length"), f"cut {cut}"
+    with pytest.raises(InvalidRequestError) as info:
+        engine.make_sequence("full", prompt, params, whole)  # nothing left to generate
+    assert info.value.param == "continuation"
+    _assert_clean(engine)

@@ -69,8 +69,31 @@ def test_seeded_requests_repeat_regardless_of_batch():
         alone.append(alone_sampler(logits.clone(), [alone_seq])[0][0])
         others = [_seq(temperature=1.0) for _ in range(step % 3)]
         batched.append(batched_sampler(logits.expand(1 + len(others), -1).clone(), others + [batched_seq])[0][-1])
+        alone_seq.token_ids.append(alone[-1])  # as the engine appends each drawn token
+        batched_seq.token_ids.append(batched[-1])
     assert alone == batched
     assert len(set(alone)) > 1  # it is sampling, not argmax
+
+
+def test_seeded_noise_depends_on_the_output_position_only():
+    """A sequence continuing another's output (a migrated request) draws what the original would have next."""
+    logits = torch.randn(1, 100)
+    original = _seq(temperature=1.0, seed=9)
+    drawn = []
+    for _ in range(8):
+        drawn.append(Sampler(seed=1)(logits.clone(), [original])[0][0])
+        original.token_ids.append(drawn[-1])
+    for cut in (1, 5):
+        continued = RequestSequence("c", [1, 2, 3], SamplingParams(temperature=1.0, seed=9), drawn[:cut])
+        again = []
+        for _ in range(8 - cut):
+            again.append(Sampler(seed=2)(logits.clone(), [continued])[0][0])
+            continued.token_ids.append(again[-1])
+        assert again == drawn[cut:]
+    assert len(set(drawn)) > 1
+    # The same output so far under another seed draws other tokens.
+    other = [Sampler()(logits.clone(), [_seq(output=drawn[:k], temperature=1.0, seed=10)])[0][0] for k in range(8)]
+    assert other != drawn
 
 
 def test_repetition_penalty_matches_transformers():
