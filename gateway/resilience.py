@@ -131,6 +131,12 @@ class CircuitBreaker:
         if self._settle(ticket) and self._state is BreakerState.HALF_OPEN:
             self._trials -= 1
 
+    def readmitted(self) -> None:
+        """The health checker saw the worker serving again after ejecting it (a restart, say): an open
+        breaker need not wait out its timeout, it goes half-open and lets its trials decide."""
+        if self.state is BreakerState.OPEN:
+            self._move(BreakerState.HALF_OPEN)
+
     def _move(self, new: BreakerState) -> None:
         old = self._state
         self._state = new

@@ -212,6 +212,8 @@ class WorkerPool:
             worker.info = info
             worker.failed_checks = 0
             worker.healthy = True
+            if worker.breaker is not None:
+                worker.breaker.readmitted()
             self.metrics.worker_healthy.labels(worker.address).set(1)
             log.info("worker admitted", extra={"fields": {"worker": worker.address, "model": worker.model}})
         elif serving:

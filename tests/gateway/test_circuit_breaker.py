@@ -89,6 +89,20 @@ def test_a_failed_trial_opens_the_breaker_again_for_another_timeout() -> None:
     assert moves == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, OPEN), (OPEN, HALF_OPEN)]
 
 
+def test_a_worker_the_health_checker_readmits_gets_its_trials_without_waiting_out_the_timeout() -> None:
+    clock = Clock()
+    b, moves = breaker(clock)
+    fail(b, 5)
+    clock.now += 1.0  # a restart, long before the 30 s are up
+    b.readmitted()
+    assert b.state is HALF_OPEN and b.allows()
+    b.succeeded(b.acquire())
+    b.succeeded(b.acquire())
+    assert b.state is CLOSED and moves == [(CLOSED, OPEN), (OPEN, HALF_OPEN), (HALF_OPEN, CLOSED)]
+    b.readmitted()  # a closed breaker stays closed
+    assert b.state is CLOSED
+
+
 def test_a_call_from_before_the_breaker_changed_has_no_say_and_a_ticket_counts_once() -> None:
     clock = Clock()
     b, _ = breaker(clock)
