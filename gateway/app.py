@@ -24,6 +24,7 @@ from gateway.auth import ApiKeyChecker
 from gateway.config import GatewayConfig
 from gateway.errors import install_error_handlers
 from gateway.metrics import GatewayMetrics
+from gateway.openapi import describe_bodies
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from gateway.router import Router, make_policy
 from gateway.serving import OpenAIServing
@@ -161,6 +162,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return serving.model(model_id)
 
     native.register(app, serving, authorized, _read_json)  # SGLang's native API: /generate and friends
+    describe_bodies(app)  # /openapi.json: the bodies these handlers read themselves, and the error body
 
     @app.get("/health")
     async def health() -> JSONResponse:
