@@ -17,6 +17,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import errors, native
@@ -72,10 +73,13 @@ async def _read_json(request: Request, limit: int) -> Any:
     if declared.isdigit() and int(declared) > limit:
         raise errors.request_too_large(f"The request body exceeds {limit} bytes.")
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise errors.request_too_large(f"The request body exceeds {limit} bytes.")
+    try:
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise errors.request_too_large(f"The request body exceeds {limit} bytes.")
+    except ClientDisconnect:  # left while sending its body: nobody to answer, and not our fault
+        raise errors.client_closed() from None
     try:
         data = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -78,6 +78,11 @@ def unsupported_media_type(content_type: str) -> APIError:
     return APIError(415, message, "invalid_request_error", None, "unsupported_media_type")
 
 
+def client_closed() -> APIError:
+    """499 (nginx's code, never sent): the client left before the gateway had its whole request."""
+    return APIError(499, "The client closed the request.", "invalid_request_error", None, "client_closed")
+
+
 def overloaded(message: str, retry_after_s: int = 1) -> APIError:
     """429 with Retry-After: every worker's queue (or the gateway's in-flight bound) is full."""
     return APIError(429, message, "rate_limit_error", None, "server_overloaded", {"Retry-After": str(retry_after_s)})

@@ -320,7 +320,9 @@ class GenerationRun:
             last_failure = f"{worker.address} {failure}"
             failures += 0 if drained else 1
             if attempt.emitted:
-                await self._migrate(index, job, leg, accepted, frozenset(tried), failure)
+                # Only the worker that just failed is left out: one this stream left earlier may be back
+                # (a rolling restart); ejection and breakers keep the dead ones out.
+                await self._migrate(index, job, leg, accepted, frozenset({worker.address}), failure)
                 return
             if failures >= self.max_attempts:
                 raise errors.no_healthy_worker(f"gave up after {failures} failed attempts; last: {last_failure}")
