@@ -236,14 +236,12 @@ def test_a_stop_token_is_reported_as_matched_and_ends_output_ids(gateway: Gatewa
     assert out["meta_info"]["completion_tokens"] == k + 1
 
 
-@pytest.mark.xfail(strict=False, reason="constrained decoding lands separately")
 def test_a_regex_constrains_the_output(gateway: GatewayServer) -> None:
     out = generate(gateway, {"text": PROMPT, "sampling_params": {"regex": "(yes|no)", "max_new_tokens": 16}})
     assert out["text"] in ("yes", "no")
     assert out["meta_info"]["finish_reason"]["type"] == "stop"
 
 
-@pytest.mark.xfail(strict=False, reason="constrained decoding lands separately")
 def test_a_json_schema_constrains_the_output(gateway: GatewayServer) -> None:
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     body = {"text": PROMPT, "sampling_params": {"json_schema": json.dumps(schema), "max_new_tokens": 64}}
