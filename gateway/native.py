@@ -31,7 +31,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from gateway import errors
 from gateway.errors import APIError
 from gateway.generation import Delta, Finish, GenerationRun, PromptJob
-from gateway.protocol import INT32_MAX, MAX_N, MAX_TOP_LOGPROBS, SEED_LIMIT, SSE_DONE_BYTES
+from gateway.protocol import (
+    INT32_MAX,
+    MAX_N,
+    MAX_TOP_LOGPROBS,
+    SEED_LIMIT,
+    SSE_DONE_BYTES,
+    check_logit_bias,
+    check_stop,
+    check_stop_token_ids,
+)
 from gateway.router import RouteKey
 from gateway.serving import OpenAIServing, RequestRecord, _StreamResponse, _unless_disconnected
 from protos.sfllm.v1 import worker_pb2 as pb
@@ -89,19 +98,9 @@ class NativeSamplingParams(BaseModel):
     ebnf: str | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, JSON keys being strings) -> bias
 
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if any(s == "" for s in ([value] if isinstance(value, str) else value or [])):
-            raise ValueError("stop strings must not be empty")
-        return value
+    _check_stop = field_validator("stop")(check_stop)
 
-    @field_validator("stop_token_ids")
-    @classmethod
-    def _check_stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
-        if value and not all(0 <= t <= INT32_MAX for t in value):
-            raise ValueError("token ids must be in [0, 2**31)")
-        return value
+    _check_stop_token_ids = field_validator("stop_token_ids")(check_stop_token_ids)
 
     @field_validator("json_schema")
     @classmethod
@@ -113,15 +112,7 @@ class NativeSamplingParams(BaseModel):
                 raise ValueError(f"json_schema must be a JSON Schema as JSON text: {exc}") from None
         return value
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (value or {}).items():
-            if not (key.isascii() and key.isdigit()) or int(key) > INT32_MAX:
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
-            if not -_LOGIT_BIAS_RANGE <= bias <= _LOGIT_BIAS_RANGE:
-                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
-        return value
+    _check_logit_bias = field_validator("logit_bias")(check_logit_bias)
 
     def constraint(self) -> str | None:
         """The one grammar field set (json_schema, regex or ebnf), or None."""

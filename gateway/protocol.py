@@ -20,6 +20,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from protos.sfllm.v1 import worker_pb2 as pb
+from protos.sfllm.v1.wire import OPTIONAL_SAMPLING_FIELDS
 
 MAX_N = 128
 MAX_TOP_LOGPROBS = 20
@@ -42,6 +43,28 @@ class ErrorResponse(BaseModel):
 
 
 # -------------------------------------------------------------------------------------------- requests
+
+
+def check_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    """logit_bias as OpenAI's API takes it: token ids (as strings, JSON keys being strings) -> biases in [-100, 100]."""
+    for key, bias in (value or {}).items():
+        if not key.isdigit() or int(key) > INT32_MAX:
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        if not -100.0 <= bias <= 100.0:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {bias}")
+    return value
+
+
+def check_stop_token_ids(value: list[int] | None) -> list[int] | None:
+    if value and not all(0 <= t <= INT32_MAX for t in value):
+        raise ValueError("token ids must be in [0, 2**31)")
+    return value
+
+
+def check_stop(value: str | list[str] | None) -> str | list[str] | None:
+    if any(s == "" for s in ([value] if isinstance(value, str) else value or [])):
+        raise ValueError("stop strings must not be empty")
+    return value
 
 
 def _is_none(value: Any) -> bool:
@@ -153,30 +176,11 @@ class _RequestBase(BaseModel):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None  # vLLM's extension: regex, grammar, choice, ...
 
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (value or {}).items():
-            if not key.isdigit() or int(key) > INT32_MAX:
-                raise ValueError(f"keys must be token ids, got {key!r}")
-            if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"biases must be in [-100, 100], got {bias}")
-        return value
+    _check_logit_bias = field_validator("logit_bias")(check_logit_bias)
 
-    @field_validator("stop_token_ids")
-    @classmethod
-    def _check_stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
-        if value and not all(0 <= t <= INT32_MAX for t in value):
-            raise ValueError("token ids must be in [0, 2**31)")
-        return value
+    _check_stop_token_ids = field_validator("stop_token_ids")(check_stop_token_ids)
 
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return value
+    _check_stop = field_validator("stop")(check_stop)
 
     @model_validator(mode="after")
     def _check_stream_options(self) -> "_RequestBase":
@@ -211,7 +215,7 @@ class _RequestBase(BaseModel):
             stop_token_ids=self.stop_token_ids or [],
             skip_special_tokens=self.skip_special_tokens,
         )
-        for name in _OPTIONAL_SAMPLING:
+        for name in OPTIONAL_SAMPLING_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 setattr(s, name, value)
@@ -247,18 +251,6 @@ class _RequestBase(BaseModel):
             if not harmless(value):
                 return name, f"{name} is not supported by this server"
         return None
-
-
-_OPTIONAL_SAMPLING = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-)
 
 
 class TextContentPart(BaseModel):

@@ -21,7 +21,13 @@ import grpc
 
 from protos.sfllm.v1 import worker_pb2 as pb
 from protos.sfllm.v1 import worker_pb2_grpc
-from protos.sfllm.v1.wire import DRAINING_KEY, ERROR_PARAM_KEY, FINISH_REASONS, RETRY_AFTER_KEY
+from protos.sfllm.v1.wire import (
+    DRAINING_KEY,
+    ERROR_PARAM_KEY,
+    FINISH_REASONS,
+    OPTIONAL_SAMPLING_FIELDS,
+    RETRY_AFTER_KEY,
+)
 from sfllm_core.errors import ContextLengthError, InvalidRequestError
 from sfllm_core.models.loader import encode_prompt
 from sfllm_core.sampling_params import MAX_LOGIT_BIAS, Constraint, SamplingParams
@@ -37,17 +43,7 @@ MAX_REQUEST_ID_LENGTH = 256
 MAX_STOP_STRING_LENGTH = 1024  # a stop string is matched against held-back text; longer ones hold back too much
 MAX_TOP_LOGPROBS = 20
 # SamplingParams fields with explicit presence in the proto and the same name in both.
-_OPTIONAL_SAMPLING = (
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "seed",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "top_logprobs",
-)
+_OPTIONAL_SAMPLING = (*OPTIONAL_SAMPLING_FIELDS, "top_logprobs")  # same names in the proto and SamplingParams
 
 
 @dataclasses.dataclass

@@ -26,3 +26,16 @@ FINISH_REASONS = {
     "error": pb.FINISH_REASON_ERROR,
 }
 FINISH_REASON_NAMES = {value: name for name, value in FINISH_REASONS.items()}
+
+# SamplingParams fields with explicit presence (proto3 optional) that callers copy as they are when set
+# and otherwise leave unset, so the worker applies its own defaults.
+OPTIONAL_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
