@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from engine import SHAPES  # bench/engine.py, beside this script
 
 from sfllm_core.config import EngineConfig
 from sfllm_core.engine.grammar import GrammarClock
@@ -47,18 +48,7 @@ def shape(tiny: bool) -> transformers.Qwen3Config:
             max_position_embeddings=4096,
             tie_word_embeddings=True,
         )
-    return transformers.Qwen3Config(
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=28,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40960,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
-    )
+    return SHAPES["qwen3-0.6b"]()  # bench/engine.py's, so the two benchmarks measure one shape
 
 
 def byte_level_tokenizer(num_tokens: int) -> transformers.PreTrainedTokenizerFast:

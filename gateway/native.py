@@ -40,6 +40,7 @@ from gateway.protocol import (
     check_logit_bias,
     check_stop,
     check_stop_token_ids,
+    first_refused_extra,
 )
 from gateway.router import RouteKey
 from gateway.serving import OpenAIServing, RequestRecord, _StreamResponse, _unless_disconnected
@@ -223,15 +224,7 @@ class GenerateRequest(BaseModel):
 
     def first_unsupported_field(self) -> tuple[str, str] | None:
         """(field, message) for the first field this server refuses, or None."""
-        for name, value in (self.model_extra or {}).items():
-            if name in self.IGNORED:
-                continue
-            harmless = self.UNSUPPORTED.get(name)
-            if harmless is None:
-                return name, f"Unrecognized request argument supplied: {name}"
-            if not harmless(value):
-                return name, f"{name} is not supported by this server"
-        return None
+        return first_refused_extra(self.model_extra, self.IGNORED, self.UNSUPPORTED)
 
 
 def parse_generate(data: Any) -> GenerateRequest:

@@ -67,6 +67,22 @@ def check_stop(value: str | list[str] | None) -> str | list[str] | None:
     return value
 
 
+def first_refused_extra(
+    extra: dict[str, Any] | None, ignored: frozenset[str], unsupported: dict[str, Callable[[Any], bool]]
+) -> tuple[str, str] | None:
+    """(field, message) for the first extra field a request model refuses: unknown, or known with a value
+    the server cannot honour (`unsupported` maps names to "this value is harmless"); None if all pass."""
+    for name, value in (extra or {}).items():
+        if name in ignored:
+            continue
+        harmless = unsupported.get(name)
+        if harmless is None:
+            return name, f"Unrecognized request argument supplied: {name}"
+        if not harmless(value):
+            return name, f"{name} is not supported by this server"
+    return None
+
+
 def _is_none(value: Any) -> bool:
     return value is None
 
@@ -242,15 +258,7 @@ class _RequestBase(BaseModel):
         """(field, message) for the first field this server refuses, or None if every field is served."""
         if self.store:
             return "store", "store=true is not supported by this server"
-        for name, value in (self.model_extra or {}).items():
-            if name in self.IGNORED:
-                continue
-            harmless = self.UNSUPPORTED.get(name)
-            if harmless is None:
-                return name, f"Unrecognized request argument supplied: {name}"
-            if not harmless(value):
-                return name, f"{name} is not supported by this server"
-        return None
+        return first_refused_extra(self.model_extra, self.IGNORED, self.UNSUPPORTED)
 
 
 class TextContentPart(BaseModel):
