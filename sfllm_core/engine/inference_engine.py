@@ -189,6 +189,7 @@ class InferenceEngine:
             # As many as the full group has also always suffice: a sequence holds at most one
             # companion per page.
             num_window_pages=min(num_pages, window_cap),
+            max_pages_per_seq=pages_per_seq,
         )
 
     def _build_backend(self) -> AttentionBackend:

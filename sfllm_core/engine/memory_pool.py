@@ -4,11 +4,20 @@ Sliding-window layers (Gemma3's local layers) only ever read the last `window` k
 a smaller pool of their own: each page a sequence holds has a *companion* page there, holding the
 window layers' K/V of the same tokens, until the sequence has moved a window past it. Companions
 of cached pages stay cached (and shared) like the pages themselves until evicted.
+
+The pool is the one owner of a sequence's page bookkeeping: `grow`, `attach_prefix`, `advance`,
+`truncate` and `release` edit its pages, its window start and its two page-table rows (numpy,
+kept in place so a step copies them without walking the page lists in Python).
 """
 
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from sfllm_core.engine.request_sequence import RequestSequence
 
 
 class MemoryPool:
@@ -33,8 +42,11 @@ class MemoryPool:
         window: int | None = None,
         window_layers: frozenset[int] = frozenset(),
         num_window_pages: int = 0,
+        max_pages_per_seq: int | None = None,
     ) -> None:
         self.num_pages = num_pages
+        # Width of a sequence's page-table rows; no sequence ever holds more pages than this.
+        self.max_pages_per_seq = max_pages_per_seq or num_pages
         self.page_size = page_size
         self.enable_prefix_caching = enable_prefix_caching
         # One extra page at the end that is never handed out: padding rows of captured decode
@@ -158,6 +170,79 @@ class MemoryPool:
     @property
     def num_used_window_pages(self) -> int:
         return self.num_window_pages - len(self._w_free)
+
+    # ---- a sequence's pages ------------------------------------------------------------------
+
+    def _rows(self, seq: "RequestSequence") -> None:
+        if seq.page_row is None:
+            seq.page_row = np.full(self.max_pages_per_seq, self.scratch_page, dtype=np.int32)
+            if self.window:
+                seq.window_row = np.full(self.max_pages_per_seq, self.window_scratch_page, dtype=np.int32)
+
+    def pages_needed(self, seq: "RequestSequence", num_tokens: int) -> int:
+        """Pages a sequence must still get to hold num_tokens tokens."""
+        return max(0, -(-num_tokens // self.page_size) - len(seq.pages))
+
+    def grow(self, seq: "RequestSequence", num_tokens: int) -> None:
+        """Give a sequence the pages (and companions) it lacks to hold num_tokens tokens."""
+        n = self.pages_needed(seq, num_tokens)
+        if n == 0:
+            return
+        self._rows(seq)
+        first = len(seq.pages)
+        if first + n > self.max_pages_per_seq:
+            raise RuntimeError(f"MemoryPool: a sequence may hold {self.max_pages_per_seq} pages, asked for {first + n}")
+        pages = self.allocate(n)
+        seq.pages += pages
+        seq.page_row[first : first + n] = pages
+        if self.window:
+            seq.window_row[first : first + n] = [self._companion[p] for p in pages]
+
+    def attach_prefix(self, seq: "RequestSequence", token_ids: list[int] | None) -> None:
+        """Start a pageless sequence on the cached pages of its longest cached prefix (none if
+        token_ids is None); its computed count is then theirs."""
+        seq.pages, seq.page_hashes = self.match_prefix(token_ids) if token_ids is not None else ([], [])
+        seq.num_computed_tokens = len(seq.pages) * self.page_size
+        seq.window_start = self.window_start(seq.num_computed_tokens)
+        if seq.pages:
+            self._rows(seq)
+            seq.page_row[: len(seq.pages)] = seq.pages
+            if self.window:
+                seq.window_row[: len(seq.pages)] = self.window_page_row(seq.pages, seq.window_start)
+
+    def advance(self, seq: "RequestSequence") -> None:
+        """Release the companions a sequence at its computed count has moved a window past."""
+        if not self.window:
+            return
+        start = self.window_start(seq.num_computed_tokens)
+        if start > seq.window_start:
+            self.release_window(seq.pages[seq.window_start : start])
+            seq.window_row[seq.window_start : start] = self.window_scratch_page
+            seq.window_start = start
+
+    def truncate(self, seq: "RequestSequence", num_tokens: int) -> None:
+        """Give back the pages past those num_tokens tokens need (K/V written for tokens then dropped)."""
+        keep = -(-num_tokens // self.page_size)
+        if keep >= len(seq.pages):
+            return
+        dropped = seq.pages[keep:]
+        # Pages past the window start still hold their companions; those before it were released.
+        self.free(dropped, max(0, seq.window_start - keep))
+        del seq.pages[keep:]
+        del seq.page_hashes[keep:]
+        seq.page_row[keep : keep + len(dropped)] = self.scratch_page
+        if self.window:
+            seq.window_row[keep : keep + len(dropped)] = self.window_scratch_page
+            seq.window_start = min(seq.window_start, keep)
+
+    def release(self, seq: "RequestSequence") -> None:
+        """Give back every page and companion a sequence holds; it holds none after."""
+        self.free(seq.pages, seq.window_start)
+        if seq.page_row is not None:
+            seq.page_row[: len(seq.pages)] = self.scratch_page
+            if self.window:
+                seq.window_row[: len(seq.pages)] = self.window_scratch_page
+        seq.pages, seq.page_hashes, seq.window_start = [], [], 0
 
     def page_hash(self, parent: int, tokens: list[int]) -> int:
         """Hash of a full page, chained to the hash of the page before it (0 for the first)."""

@@ -12,6 +12,7 @@ import logging
 import time
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from sfllm_core.engine.memory_pool import MemoryPool
@@ -131,9 +132,8 @@ class ModelRunner:
         sample_rows: list[int] = []
         logits_indices: list[int] = []
         max_pages = max(len(s.pages) for s in batch.seqs)
-        page_table = [s.pages + [0] * (max_pages - len(s.pages)) for s in batch.seqs]
+        page_table = np.stack([s.page_row[:max_pages] for s in batch.seqs])
         windowed = self.pool.window is not None
-        window_rows = [s.window_pages for s in batch.seqs] if windowed else []
         window_slots: list[int] = []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
@@ -142,7 +142,7 @@ class ModelRunner:
                 positions.append(pos)
                 slots.append(seq.pages[pos // page_size] * page_size + pos % page_size)
                 if windowed:
-                    window_slots.append(window_rows[row][pos // page_size] * page_size + pos % page_size)
+                    window_slots.append(int(seq.window_row[pos // page_size]) * page_size + pos % page_size)
             query_start.append(query_start[-1] + n)
             seq_lens.append(start + n)
             query_lens.append(n)
@@ -160,7 +160,7 @@ class ModelRunner:
             slot_mapping=tensor(slots, torch.int64),
             query_start_loc=tensor(query_start, torch.int32),
             seq_lens=tensor(seq_lens, torch.int32),
-            page_table=tensor(page_table, torch.int32).view(len(batch.seqs), max_pages),
+            page_table=torch.from_numpy(page_table).to(dev),
             logits_indices=tensor(logits_indices, torch.int64),
             page_size=page_size,
             num_decodes=num_decodes,
@@ -170,10 +170,10 @@ class ModelRunner:
             query_lens_cpu=query_lens,
         )
         if windowed:
-            window_table = [r + [0] * (max_pages - len(r)) for r in window_rows]
+            window_table = np.stack([s.window_row[:max_pages] for s in batch.seqs])
             meta.window = replace(
                 meta,
-                page_table=tensor(window_table, torch.int32).view(len(batch.seqs), max_pages),
+                page_table=torch.from_numpy(window_table).to(dev),
                 slot_mapping=tensor(window_slots, torch.int64),
                 backend_state={},
             )
@@ -290,14 +290,12 @@ class ModelRunner:
             inputs[1, i] = p
             inputs[2, i] = seq.pages[p // page_size] * page_size + p % page_size
             inputs[3, i] = p + 1
-            pages = seq.pages
-            table[i, : len(pages)] = pages
-            table[i, len(pages) :] = scratch
+            # Whole rows, copied in C: the page lists are never walked here (contexts are long).
+            table[i] = seq.page_row
             if g.windowed:
-                row = seq.window_pages
+                row = seq.window_row
                 inputs[6, i] = row[p // page_size] * page_size + p % page_size
-                window_table[i, : len(row)] = row
-                window_table[i, len(row) :] = window_scratch
+                window_table[i] = row
         inputs[:6, b:size] = ((0,), (0,), (scratch * page_size,), (1,), (0,), (0,))
         table[b:size] = scratch
         if g.windowed:

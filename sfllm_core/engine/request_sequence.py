@@ -5,6 +5,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from sfllm_core.outputs import TokenLogprob
 from sfllm_core.sampling_params import SamplingParams
 
@@ -39,11 +41,16 @@ class RequestSequence:
         self.token_ids = self.prompt_token_ids + list(continuation)
         self.params = params
         self.status = SequenceStatus.WAITING
+        # Pages and window bookkeeping: edited by MemoryPool only (grow, advance, truncate, release).
         self.pages: list[int] = []
         self.page_hashes: list[int] = []  # prefix-cache hashes of this sequence's full, computed pages
         self.window_start = 0  # pages before this one no longer hold window K/V (see MemoryPool)
-        # The window layers' page table row, kept in step with pages (MemoryPool.window_page_row).
-        self.window_pages: list[int] = []
+        # Page-table rows as the runner copies them: pages, then the scratch page; and the window
+        # layers' row (MemoryPool.window_page_row). Made on the first page.
+        self.page_row: np.ndarray | None = None
+        self.window_row: np.ndarray | None = None
+        # Draft tokens proposed for this step (speculative decoding): verified after the last token.
+        self.draft_ids: list[int] = []
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.num_emitted = 0  # output tokens already handed out as StepOutputs
@@ -68,6 +75,11 @@ class RequestSequence:
             or bool(params.logit_bias)
             or params.constraint is not None
         )
+
+    @property
+    def window_pages(self) -> list[int]:
+        """The window layers' page-table row over the pages held (scratch before window_start)."""
+        return [] if self.window_row is None else self.window_row[: len(self.pages)].tolist()
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -68,19 +68,11 @@ class Scheduler:
         return self.max_context_length is not None and seq.num_tokens >= self.max_context_length
 
     def _pages_needed(self, seq: RequestSequence, num_new: int) -> int:
-        total = seq.num_computed_tokens + num_new
-        return max(0, -(-total // self.pool.page_size) - len(seq.pages))
-
-    def _add_pages(self, seq: RequestSequence, n: int) -> None:
-        pages = self.pool.allocate(n)
-        seq.pages += pages
-        if self.pool.window:
-            seq.window_pages += self.pool.companions(pages)
+        return self.pool.pages_needed(seq, seq.num_computed_tokens + num_new)
 
     def _preempt(self, seq: RequestSequence) -> None:
         self.running.remove(seq)
-        self.pool.free(seq.pages, seq.window_start)
-        seq.pages, seq.page_hashes, seq.window_start, seq.window_pages = [], [], 0, []
+        self.pool.release(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -106,7 +98,7 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            self._add_pages(seq, need)
+            self.pool.grow(seq, seq.num_computed_tokens + num_new)
             target = singles if num_new == 1 else chunks
             target.seqs.append(seq)
             target.num_new_tokens.append(num_new)
@@ -117,13 +109,7 @@ class Scheduler:
             seq = self.waiting[0]
             if not seq.pages:
                 # Prompt logprobs need every prompt position's logits: a cached prefix has none.
-                seq.pages, seq.page_hashes = (
-                    ([], []) if seq.needs_prompt_logits else self.pool.match_prefix(seq.token_ids)
-                )
-                seq.num_computed_tokens = len(seq.pages) * self.pool.page_size
-                seq.window_start = self.pool.window_start(seq.num_computed_tokens)
-                if self.pool.window:
-                    seq.window_pages = self.pool.window_page_row(seq.pages, seq.window_start)
+                self.pool.attach_prefix(seq, None if seq.needs_prompt_logits else seq.token_ids)
                 if not seq.admitted:  # a continuation's own tokens found cached are not prompt tokens
                     seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget, self.chunk_limit)
@@ -131,7 +117,7 @@ class Scheduler:
             if need > self.pool.num_free_pages:
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
-            self._add_pages(seq, need)
+            self.pool.grow(seq, seq.num_computed_tokens + num_new)
             seq.admitted = True
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -147,13 +133,7 @@ class Scheduler:
         page_size = self.pool.page_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            start = self.pool.window_start(seq.num_computed_tokens)
-            if start > seq.window_start:
-                self.pool.release_window(seq.pages[seq.window_start : start])
-                seq.window_pages[seq.window_start : start] = [self.pool.window_scratch_page] * (
-                    start - seq.window_start
-                )
-                seq.window_start = start
+            self.pool.advance(seq)
             while len(seq.page_hashes) < seq.num_computed_tokens // page_size:
                 i = len(seq.page_hashes)
                 tokens = seq.token_ids[i * page_size : (i + 1) * page_size]
@@ -172,8 +152,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.pool.free(seq.pages, seq.window_start)
-        seq.pages, seq.window_start, seq.window_pages = [], 0, []
+        self.pool.release(seq)
         while seq.token_ids and seq.token_ids[-1] == PENDING_TOKEN:
             seq.token_ids.pop()
         seq.status = SequenceStatus.FINISHED

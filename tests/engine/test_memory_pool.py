@@ -207,3 +207,33 @@ def test_aborting_one_of_two_requests_sharing_a_prefix_frees_exactly_its_referen
     assert again.num_cached_tokens == 4 * page_size
     assert tokens["again"] == expected[aborted] and reasons["again"] == "length"
     assert pool.ref_counts == [0] * pool.num_pages and pool.num_used_pages == 0
+
+
+def test_a_sequences_pages_grow_advance_truncate_and_release_through_the_pool():
+    """The pool keeps a sequence's pages, window start and both page-table rows in step."""
+    from sfllm_core.engine.request_sequence import RequestSequence
+
+    pool = _window_pool(num_pages=12, num_window_pages=8)
+    seq = RequestSequence("s", list(range(30)), SamplingParams())
+    pool.grow(seq, 10)  # three pages of four
+    assert len(seq.pages) == 3 and pool.num_used_pages == 3 and pool.num_used_window_pages == 3
+    assert seq.page_row[:3].tolist() == seq.pages and set(seq.page_row[3:]) == {pool.scratch_page}
+    assert seq.window_pages == pool.window_page_row(seq.pages, 0)
+    pool.grow(seq, 12)  # still three pages
+    assert len(seq.pages) == 3
+    seq.num_computed_tokens = 17
+    pool.grow(seq, 26)  # seven pages
+    pool.advance(seq)  # the next query (position 17) reads keys from 10 on: pages 2 and later
+    assert seq.window_start == 2 and pool.num_used_window_pages == 5
+    assert seq.window_pages == pool.window_page_row(seq.pages, 2)
+    # Rolled back to 18 tokens: pages 5 and 6 (tokens 20-27) and their companions go back.
+    dropped = seq.pages[5:]
+    pool.truncate(seq, 18)
+    assert len(seq.pages) == 5 and all(pool.ref_counts[p] == 0 for p in dropped)
+    assert pool.num_used_pages == 5 and pool.num_used_window_pages == 3
+    assert set(seq.page_row[5:]) == {pool.scratch_page}
+    assert seq.window_pages == pool.window_page_row(seq.pages, 2)
+    pool.release(seq)
+    assert seq.pages == [] and seq.window_start == 0
+    assert pool.num_used_pages == 0 and pool.num_used_window_pages == 0
+    assert set(seq.page_row) == {pool.scratch_page} and set(seq.window_row) == {pool.window_scratch_page}
