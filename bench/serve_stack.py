@@ -131,7 +131,26 @@ def engine_child(folder: str, workload_file: str, out_file: str, batch1: str = "
             engine.step()
     # Offline last, after the same prompts with short outputs: kernels compile for new shapes on first use.
     engine.generate(prompts, [SamplingParams(max_tokens=32, **greedy)] * len(prompts))
+    trace, step = [], engine.step
+
+    def traced_step():  # the rows the worker's --debug-step-trace writes (no send in-process)
+        started = time.perf_counter()
+        outputs = step()
+        trace.append((started, time.perf_counter() - started, 0.0, len(outputs), len(engine.scheduler.running)))
+        return outputs
+
+    engine.step = traced_step
+    spy = None
+    if os.environ.get("SFLLM_BENCH_PY_SPY"):  # the offline run sampled as the served processes are
+        out = os.environ["SFLLM_BENCH_PY_SPY"]
+        cmd = ["py-spy", "record", "-p", str(os.getpid()), "-d", "6", "-r", "250", "--nonblocking", "--idle"]
+        spy = subprocess.Popen([*cmd, "-f", "raw", "-o", out], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        time.sleep(1.0)  # py-spy attaches
     t = timed(lambda: engine.generate(prompts, params))
+    if spy is not None:
+        spy.wait()
+    engine.step = step
+    res["offline_trace"] = trace_summary(trace, trace[0][0], trace[-1][0] + trace[-1][1])
     res["offline_tok_s"] = sum(out_lens) / t
     config = engine.model_config
     bw = res["copy_bandwidth_TBps"] * 1e12
@@ -149,18 +168,56 @@ def engine_child(folder: str, workload_file: str, out_file: str, batch1: str = "
     Path(out_file).write_text(json.dumps(res))
 
 
-def engine_figures(folder: Path, workload: list[serve.Request], tmp: Path, batch1: bool) -> dict:
+def engine_figures(
+    folder: Path, workload: list[serve.Request], tmp: Path, batch1: bool, py_spy_dir: Path | None = None
+) -> dict:
     workload_file, out_file = tmp / "workload.json", tmp / "engine.json"
     workload_file.write_text(
         json.dumps({"prompts": [r.prompt for r in workload], "output_lens": [r.output_len for r in workload]})
     )
     argv = ["x", str(folder), str(workload_file), str(out_file), "1" if batch1 else "0"]
+    env = dict(os.environ)
+    if py_spy_dir is not None:
+        env["SFLLM_BENCH_PY_SPY"] = str(py_spy_dir / "offline_engine.txt")
     code = f"import sys; sys.argv = {argv!r}; "
     code += "import serve_stack; serve_stack.engine_child(*sys.argv[1:])"
     paths = [str(REPO), str(REPO / "bench"), os.environ.get("PYTHONPATH", "")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env)
     return json.loads(out_file.read_text())
+
+
+def trace_summary(rows: list, start: float, end: float) -> dict:
+    """What the engine's loop did between start and end (perf_counter, which every process shares):
+    busy fraction, steps, and the step time and loop period while the batch was nearly full."""
+    rows = [r for r in rows if start <= r[0] <= end]
+    arrivals = [r[0] for r in rows if r[1] < 0]
+    rows = [r for r in rows if r[1] >= 0]
+    if len(rows) < 2:
+        return {}
+    # From a request's arrival in the engine to the end of the first step after it (its prefill, when alone).
+    first_out = []
+    for t in arrivals:
+        after = next((r for r in rows if r[0] >= t), None)
+        if after is not None:
+            first_out.append((after[0] + after[1] + after[2] - t) * 1e3)
+    first_out.sort()
+    full = [i for i in range(len(rows) - 1) if rows[i][4] >= 0.9 * max(r[4] for r in rows)]
+    ms = lambda xs: 1e3 * sum(xs) / max(1, len(xs))  # noqa: E731
+    return {
+        "steps": len(rows),
+        "busy": sum(r[1] + r[2] for r in rows) / (end - start),
+        "first_step_ms": (rows[0][0] - start) * 1e3,
+        "last_step_end_ms": (rows[-1][0] + rows[-1][1] - start) * 1e3,
+        "full_steps": len(full),
+        "full_step_ms": ms([rows[i][1] for i in full]),
+        "full_send_ms": ms([rows[i][2] for i in full]),
+        "full_period_ms": ms([rows[i + 1][0] - rows[i][0] for i in full]),
+        "max_running": max(r[4] for r in rows),
+        "arrivals": len(arrivals),
+        "arrival_to_out_p50_ms": first_out[len(first_out) // 2] if first_out else float("nan"),
+        "last_arrival_ms": (arrivals[-1] - start) * 1e3 if arrivals else float("nan"),
+    }
 
 
 # -- the served stack ------------------------------------------------------------------------------
@@ -175,8 +232,9 @@ def free_port() -> int:
 class Stack:
     """A worker (front, engine, detokenizer processes) and a gateway (N processes) on loopback."""
 
-    def __init__(self, folder: Path, gateway_processes: int, log_dir: Path) -> None:
+    def __init__(self, folder: Path, gateway_processes: int, log_dir: Path, trace: Path | None = None) -> None:
         self.worker_port, self.gateway_port = free_port(), free_port()
+        self.py_spy_dir: Path | None = None
         worker = [sys.executable, "-m", "worker", "--model", str(folder), "--load-format", "dummy"]
         worker += ["--host", "127.0.0.1", "--port", str(self.worker_port), "--metrics-port", "0"]
         settings = engine_settings()
@@ -184,6 +242,8 @@ class Stack:
         worker += ["--max-num-seqs", "256", "--max-num-batched-tokens", "8192"]
         worker += ["--kv-cache-memory-gb", str(settings["kv_cache_memory_gb"])]
         worker += ["--no-prefix-caching", "--log-level", "warning"]
+        if trace is not None:
+            worker += ["--debug-step-trace", str(trace)]
         gateway = [sys.executable, "-m", "gateway", "--workers", f"127.0.0.1:{self.worker_port}"]
         gateway += ["--host", "127.0.0.1", "--port", str(self.gateway_port), "--log-level", "warning"]
         gateway += ["--processes", str(gateway_processes)]
@@ -234,6 +294,20 @@ class Stack:
             log.close()
 
 
+def cgroup_throttled() -> float:
+    """Seconds this container's CPU quota has throttled it so far (cgroup v2 or v1), or NaN."""
+    for path, key, scale in (("/sys/fs/cgroup/cpu.stat", "throttled_usec", 1e-6),
+                             ("/sys/fs/cgroup/cpu/cpu.stat", "throttled_time", 1e-9)):  # fmt: skip
+        try:
+            for line in Path(path).read_text().splitlines():
+                name, value = line.split()
+                if name == key:
+                    return int(value) * scale
+        except OSError:
+            continue
+    return float("nan")
+
+
 def run_served(stack: Stack, path: str, workload: dict, clients: int) -> dict:
     """One workload through one path; the summary plus each process's CPU seconds per second."""
     argv = ["--num-prompts", str(workload["n"]), "--input-len", workload["input"], "--output-len", workload["output"]]
@@ -249,11 +323,25 @@ def run_served(stack: Stack, path: str, workload: dict, clients: int) -> dict:
     else:
         argv += ["--backend", "openai", "--base-url", f"http://127.0.0.1:{stack.gateway_port}/v1"]
     args = serve.parser().parse_args(argv)
+    spies = []
+    if stack.py_spy_dir is not None and workload.get("profile"):  # sampled stacks of every stack process
+        for role, proc in stack.procs.items():
+            out = stack.py_spy_dir / f"{path}_{workload['concurrency']}_{role}.txt"
+            cmd = ["py-spy", "record", "-p", str(proc.pid), "-d", str(workload["profile"]), "-r", "250"]
+            cmd += ["--nonblocking", "--idle", "-f", "raw", "-o", str(out)]
+            with open(out.with_suffix(".log"), "wb") as log:
+                spies.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
     before, t0 = stack.cpu(), time.monotonic()
+    switches, throttled = stack.procs["engine"].num_ctx_switches().involuntary, cgroup_throttled()
     summary = serve.run(args, f"{path}: {workload['name']}")
     after, wall = stack.cpu(), time.monotonic() - t0
+    summary["engine_involuntary_switches"] = stack.procs["engine"].num_ctx_switches().involuntary - switches
+    summary["cgroup_throttled_s"] = cgroup_throttled() - throttled
+    for spy in spies:
+        spy.wait()
     summary.pop("_results")
-    summary.pop("_start")
+    start = summary.pop("_start")
+    summary["window"] = (start, start + summary["duration_s"])
     summary["cpu_per_s"] = {k: (after[k] - before[k]) / wall for k in before}
     summary["client_cpu_per_s"] = sum(summary["client_cpu_s"]) / summary["duration_s"]
     return summary
@@ -275,9 +363,13 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     lo, hi = serve.parse_range(WORKLOADS["256"]["input"])
     out = serve.parse_range(WORKLOADS["256"]["output"])
     workload = serve.random_requests(256, (lo, hi), out, "ids", id_range=10000, seed=0)
-    res: dict = {"engine": engine_figures(folder, workload, tmp, "1" in args.workloads)}
+    spy_dir = log_dir if args.py_spy else None
+    res: dict = {"engine": engine_figures(folder, workload, tmp, "1" in args.workloads, spy_dir)}
     print(name, "engine", res["engine"], flush=True)
-    stack = Stack(folder, args.gateway_processes, log_dir)
+    trace_file = log_dir / "engine_trace.jsonl" if args.trace else None
+    stack = Stack(folder, args.gateway_processes, log_dir, trace_file)
+    if args.py_spy:
+        stack.py_spy_dir = log_dir
     try:
         # Untimed, as the engine's own warm-up above: the timed runs' prompts with short outputs, since the
         # worker's kernels load for new shapes on first use (from Triton's cache, where the engine left them).
@@ -289,9 +381,21 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
                 if key == "1":  # warm the path's connections and first-call costs before timing one at a time
                     run_served(stack, path, {**WORKLOADS["1"], "n": 2}, 1)
                 print(f"{time.strftime('%H:%M:%S')} timing {name} {path} {key}", flush=True)
-                res[f"{path}_{key}"] = run_served(stack, path, WORKLOADS[key], args.client_processes)
+                workload = {**WORKLOADS[key], "profile": args.py_spy if key == "256" else 0}
+                res[f"{path}_{key}"] = run_served(stack, path, workload, args.client_processes)
     finally:
         stack.stop()
+    if trace_file is not None and trace_file.exists():
+        rows = [json.loads(line) for line in trace_file.read_text().splitlines()]
+        for key, summary in res.items():
+            if key != "engine":
+                summary["trace"] = trace_summary(rows, *summary["window"])
+        for key in ["engine"] + [k for k in res if k != "engine"]:
+            got = res[key]["offline_trace"] if key == "engine" else res[key]["trace"]
+            if key != "engine":
+                got = {**got, "switches": res[key]["engine_involuntary_switches"]}
+                got["throttled_s"] = res[key]["cgroup_throttled_s"]
+            print(f"{name} trace {key}: " + " ".join(f"{k}={v:.3g}" for k, v in got.items()), flush=True)
     for log_file in stack.logs:  # stalls the processes reported (slow steps, long collections)
         for line in Path(log_file.name).read_text(errors="replace").splitlines():
             if "garbage collection" in line or "engine step took" in line:
@@ -333,6 +437,10 @@ def main() -> None:
     p.add_argument("--client-processes", type=int, default=4)
     p.add_argument("--json", default="bench_serve_stack.json")
     p.add_argument("--log-dir", default=None, help="keep the worker's and gateway's logs here")
+    p.add_argument("--trace", action="store_true", help="time every engine step, offline and served, and summarize")
+    p.add_argument(
+        "--py-spy", type=int, default=0, metavar="S", help="py-spy each stack process for S s of the 256 runs"
+    )
     args = p.parse_args()
     import torch
 

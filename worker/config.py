@@ -47,6 +47,7 @@ class WorkerConfig:
     # While this file exists, every Generate call ends at once with FINISH_REASON_ERROR, the worker otherwise
     # healthy: tests of the gateway's circuit breakers and retry budget make a worker fail and recover.
     debug_fail_file: str | None = None
+    debug_step_trace: str | None = None  # the engine process writes one line per loop pass here (JSON lines) at exit
     log_level: str = "info"
 
     def engine_config(self) -> EngineConfig:
@@ -161,5 +162,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--debug-step-delay-s", type=float, help=argparse.SUPPRESS)
     p.add_argument("--debug-fail-file", help=argparse.SUPPRESS)
+    p.add_argument("--debug-step-trace", help=argparse.SUPPRESS)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return p

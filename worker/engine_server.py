@@ -6,6 +6,7 @@ start-up handshake go straight to the front. The process exits when told to (Shu
 parent dies, or when it cannot build the engine.
 """
 
+import json
 import logging
 import os
 import sys
@@ -79,6 +80,7 @@ class EngineServer:
         self._aborting = False  # aborts were asked for: look for their ends in the next outputs
         self._last_load = None
         self._last_load_at = 0.0
+        self._trace: list | None = None
 
     def run(self) -> None:
         try:
@@ -115,6 +117,9 @@ class EngineServer:
         engine = self.engine
         delay = self.config.debug_step_delay_s
         slow_step = SLOW_STEP_LOG_S if engine.device.type == "cuda" else float("inf")  # CPU prefills take seconds
+        # --debug-step-trace: (start, step s, send s, outputs, running) per step, and (time, -1, 0, 0, 0)
+        # per request arrival, written out at exit.
+        trace = self._trace = [] if self.config.debug_step_trace else None
         while True:
             # Block only while idle, and then for at most a second: a dead parent must be noticed.
             if not engine.has_work() and not self.inbox.poll(1000):
@@ -134,10 +139,14 @@ class EngineServer:
                 except Exception:  # step() ends a failed batch itself; this is a bug elsewhere in it
                     log.exception("engine step crashed")
                     outputs = []
-                took = time.perf_counter() - started
+                stepped = time.perf_counter()
+                took = stepped - started
                 if took > slow_step:  # a first-use kernel compile, say: it stalls every stream
                     log.warning("an engine step took %.0f ms (%d sequences out)", took * 1e3, len(outputs))
                 self._send_outputs(outputs)
+                if trace is not None:
+                    running = len(engine.scheduler.running)
+                    trace.append((started, took, time.perf_counter() - stepped, len(outputs), running))
             self._report_load()
 
     def _read_inbox(self) -> bool:
@@ -150,6 +159,8 @@ class EngineServer:
                 return True
             msg = self._decode(frame)
             if isinstance(msg, AddRequest):
+                if self._trace is not None:  # an arrival: a row with a negative step time
+                    self._trace.append((time.perf_counter(), -1.0, 0.0, 0, 0))
                 try:
                     engine.submit(engine.make_sequence(msg.rid, msg.prompt_ids, msg.params, msg.continuation))
                 except InvalidRequestError as exc:
@@ -199,6 +210,9 @@ class EngineServer:
         self.to_front.send(self._encode(LoadReport(load)))
 
     def _close(self) -> None:
+        if self._trace:
+            with open(self.config.debug_step_trace, "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in self._trace)
         for sock in (self.inbox, self.to_detok, self.to_front):
             sock.close()
         self._ctx.term()
