@@ -1,8 +1,10 @@
 """WorkerMetrics: the worker's Prometheus metrics, named like vLLM's with the sfllm: prefix."""
 
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -33,6 +35,27 @@ class _LoadCollector(Collector):
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([self.model_name], value)
             yield family
+
+
+class _TextFormatHandler(BaseHTTPRequestHandler):
+    """Answers every GET with the Prometheus text format, whatever the scraper's Accept header asks for.
+
+    prometheus_client's OpenMetrics output (which Prometheus 2.x asks for first) writes the samples of
+    sfllm:* metrics with underscores (sfllm_generation_tokens_total), so dashboards would find nothing.
+    """
+
+    registry: CollectorRegistry
+
+    def do_GET(self) -> None:
+        body = generate_latest(self.registry)
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # one line per scrape is noise
+        pass
 
 
 class WorkerMetrics:
@@ -83,7 +106,10 @@ class WorkerMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP in a background thread; return the bound port."""
-        self._httpd, _ = start_http_server(port, addr=host, registry=self.registry)
+        handler = type("MetricsHandler", (_TextFormatHandler,), {"registry": self.registry})
+        self._httpd = ThreadingHTTPServer((host, port), handler)
+        self._httpd.daemon_threads = True
+        threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True).start()
         return self._httpd.server_port
 
     def close(self) -> None:

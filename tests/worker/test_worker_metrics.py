@@ -21,9 +21,18 @@ NAMES = [
 ]
 
 
-def scrape(worker) -> dict[tuple[str, tuple], float]:
+# What Prometheus 2.x sends: OpenMetrics first.
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+def scrape(worker, accept: str | None = None) -> dict[tuple[str, tuple], float]:
     """Every sample as {(name, sorted labels without model_name): value}."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{worker.server.metrics_port}/metrics", timeout=10) as r:
+    url = f"http://127.0.0.1:{worker.server.metrics_port}/metrics"
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=10) as r:
         text = r.read().decode()
     samples = {}
     for family in text_string_to_metric_families(text):
@@ -35,6 +44,15 @@ def scrape(worker) -> dict[tuple[str, tuple], float]:
 
 def _value(samples, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_prometheus_scrape_keeps_the_sfllm_names(worker):
+    # Asked for OpenMetrics, prometheus_client would rename the samples sfllm_*; dashboards query sfllm:*.
+    with WorkerClient(worker.target, timeout=30) as client:
+        client.generate(PROMPT, max_tokens=2, temperature=0, ignore_eos=True)
+    names = {name for name, _ in scrape(worker, accept=PROMETHEUS_ACCEPT)}
+    assert "sfllm:generation_tokens_total" in names
+    assert not any(name.startswith("sfllm_") for name in names)
 
 
 def test_metric_names_are_exposed_and_counters_move(worker):
