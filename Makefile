@@ -9,7 +9,7 @@ WORKER_PORT ?= 50051
 METRICS_PORT ?= 9400
 MODEL ?=
 
-.PHONY: install run test test-gpu lint proto bench-cpu bench-gateway bench-serve clean
+.PHONY: install run test test-gpu lint proto bench-cpu bench-gateway bench-serve deploy-test clean
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ bench-gateway: install
 bench-serve: install
 	$(PY) bench/serve.py --base-url http://$(HOST):$(PORT)/v1 --num-prompts 200 --input-len 64:512 \
 	  --output-len 32:128 --max-concurrency 16 --json bench_serve.json --plot bench_serve.png
+
+# The images and the compose stack, built and run for real (needs Docker; minutes); not part of `make test`.
+# deploy/README.md: on machines with a registry and an index, DEPLOY_TEST_ARGS="--base-image python:3.11-slim --pip-from index".
+deploy-test: install
+	$(PY) scripts/deploy_test.py $(DEPLOY_TEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
