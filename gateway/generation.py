@@ -12,7 +12,13 @@ Failure semantics (what the client sees):
   them), so the client sees one stream and usage covers the whole completion. Tokens the client was
   not shown (their text held back: a stop string's start, part of a character) are left out and
   generated again. A completion moves at most `max_migrations` times; past that, or when no worker
-  is left, the stream ends with an OpenAI error event.
+  is left, the stream ends with an OpenAI error event. A migration that finds every worker's queue
+  full waits for room, up to _MIGRATION_ROOM_WAIT_S (the client's stream stalls), before it ends so.
+- A call on a worker that went silent (frozen, cut off by a partition) does not wait as long as the
+  silence. The channel's HTTP/2 keepalive (gateway/workers.py) closes a connection whose pings go
+  unanswered, which fails its calls with UNAVAILABLE; and a health-check ejection evicts the worker's
+  calls that have received nothing for a health timeout. Either way the call is retried or migrated as
+  above. An eviction is no verdict on the worker's breaker: the health checks judged it already.
 - A cancelled run (client gone) cancels its gRPC calls, which makes the worker abort and free the
   sequences, and also sends Abort for good measure.
 - A Generate request over the worker's message-size limit is the client's fault (413); it is
@@ -118,6 +124,15 @@ class _Attempt:
         self.request_id = request_id
         self.call: grpc.aio.UnaryStreamCall | None = None
         self.emitted = False
+        self.started_at = time.monotonic()
+        self.last_message_at = self.started_at  # when the worker last sent anything on this call
+        self.evicted: str | None = None  # why the pool cancelled the call, if it did
+
+    def evict(self, reason: str) -> None:
+        """Cancel the call because its worker went silent; the call's reader then fails over (see `_call`)."""
+        if self.evicted is None and self.call is not None and not self.call.done():
+            self.evicted = reason
+            self.call.cancel()
 
 
 class GenerationRun:
@@ -226,6 +241,7 @@ class GenerationRun:
         try:
             try:
                 self.pool.retry_budget.record_request()  # each prompt's first attempt adds to the retry budget
+                self.metrics.retry_budget_available.set(self.pool.retry_budget.available())
                 await self._attempts(index, job, accepted)
                 await self._queue.put(_Done(index))
             except (APIError, asyncio.CancelledError):
@@ -253,21 +269,31 @@ class GenerationRun:
         busy = 0
         last_failure = ""
         retrying = False  # the last attempt failed: the next needs the retry budget's leave, and waits a backoff
+        # A stream already under way that finds every queue full waits for room (within a bound) rather than end.
+        wait_for_room_until = time.monotonic() + _MIGRATION_ROOM_WAIT_S if leg.migrations else 0.0
         while True:
             try:
                 worker = self.router.pick(job.route_key, exclude=tried)
             except UnknownModel as exc:
                 raise errors.model_not_found(exc.model) from None
             except AllWorkersBusy as exc:
+                if time.monotonic() + exc.wait_s < wait_for_room_until:
+                    await asyncio.sleep(max(exc.wait_s, 0.01))
+                    continue
                 raise errors.overloaded(str(exc), exc.retry_after_s) from None
             except NoWorkerAvailable as exc:
+                if busy and not failures and time.monotonic() < wait_for_room_until:
+                    tried = set(leg.exclude)  # every one left refused with a full queue: try them again once they may
+                    continue  # have room (their holds, gateway/router.py, keep this from spinning)
                 if busy and not failures:
                     raise errors.overloaded("every worker's queue is full; retry later") from None
                 message = f"{exc}" + (f" (last worker failure: {last_failure})" if last_failure else "")
                 raise errors.no_healthy_worker(message) from None
             if retrying:  # once there is a worker to retry on: no budget is spent on a request with none left
                 retrying = False
-                if not self.pool.retry_budget.try_retry():  # retries must not multiply the load of an outage
+                allowed = self.pool.retry_budget.try_retry()  # retries must not multiply the load of an outage
+                self.metrics.retry_budget_available.set(self.pool.retry_budget.available())
+                if not allowed:
                     self.metrics.retries_refused.inc()
                     raise errors.no_healthy_worker(f"retry budget exhausted; last failure: {last_failure}")
                 backoff_s = self.pool.backoff.delay_s(failures)
@@ -296,7 +322,7 @@ class GenerationRun:
                     # Not the worker's queue (that one always sends its retry hint): a message over gRPC's size limit.
                     raise errors.request_too_large(f"the worker refused the request: {exc.details()}") from None
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    worker.busy_until = time.monotonic() + _retry_after_s(exc)
+                    worker.mark_busy(_retry_after_s(exc))
                     busy += 1
                     self.metrics.retries.labels("worker_busy").inc()
                     continue
@@ -306,19 +332,20 @@ class GenerationRun:
                 failure = str(exc)
             finally:
                 # A failure counts against the worker's breaker; the client's error or departure, a full
-                # queue or a drain is no verdict on the worker.
-                if failure is None or failure in _DRAINED:
+                # queue, a drain or an eviction (the health checks' verdict, not the call's) is no verdict on it.
+                if failure is None or _no_verdict(failure):
                     worker.breaker.release(ticket)
                 else:
                     worker.breaker.failed(ticket)
-            # the worker died, is draining, or its engine failed this request
+            # the worker died, is draining, went silent, or its engine failed this request
             drained = failure in _DRAINED
+            left = _no_verdict(failure)  # drained or evicted: it failed nothing, the next worker goes at once
             if drained:  # out of routing now, not when its health check next says NOT_SERVING
                 self.pool.eject(worker, "draining")
-            elif _ejects(failure):
+            elif not left and _ejects(failure):
                 self.pool.eject(worker, failure.split(":", 1)[0].lower())
             last_failure = f"{worker.address} {failure}"
-            failures += 0 if drained else 1
+            failures += 0 if left else 1
             if attempt.emitted:
                 # Only the worker that just failed is left out: one this stream left earlier may be back
                 # (a rolling restart); ejection and breakers keep the dead ones out.
@@ -326,8 +353,8 @@ class GenerationRun:
                 return
             if failures >= self.max_attempts:
                 raise errors.no_healthy_worker(f"gave up after {failures} failed attempts; last: {last_failure}")
-            if drained:  # sent elsewhere at once, as a full queue is: the worker failed nothing
-                self.metrics.retries.labels("worker_draining").inc()
+            if left:  # sent elsewhere at once, as a full queue is: the worker failed nothing
+                self.metrics.retries.labels("worker_draining" if drained else "worker_silent").inc()
                 continue
             retrying = True
             log.warning(
@@ -351,11 +378,14 @@ class GenerationRun:
         finished = 0
         call = worker.client.worker.Generate(request)
         attempt.call = call
+        worker.open_calls.add(attempt)
         try:
             async for response in call:
+                attempt.last_message_at = time.monotonic()
                 kind = response.WhichOneof("event")
                 choice = leg.choices[response.index]
                 if kind == "prompt":
+                    worker.has_room(attempt.started_at)  # it admitted this call: a refusal before it holds no more
                     if not accepted.done():
                         self.prompts[index] = response.prompt  # its text and logprobs, when asked for (echo)
                         self.num_prompt_tokens[index] = response.prompt.num_prompt_tokens
@@ -400,11 +430,18 @@ class GenerationRun:
                 )
             for event in held:
                 await self._queue.put(event)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if attempt.evicted is not None and task is not None and not task.cancelling():
+                # the pool cancelled the call (its worker went silent), not our caller: fail over
+                raise _EngineFailure(f"{_SILENT}: {attempt.evicted}") from None
+            raise
         finally:
+            worker.open_calls.discard(attempt)
             worker.in_flight -= 1
             self.metrics.worker_in_flight.labels(worker.address).set(worker.in_flight)
-            if not call.done():
-                # the client left (or a sibling call failed): stop the worker's work at once
+            if not call.done() or attempt.evicted is not None:
+                # the client left, a sibling call failed, or the worker went silent: stop the worker's work
                 call.cancel()
                 self.pool.abort_in_background(worker, [attempt.request_id])
 
@@ -483,6 +520,16 @@ class _EngineFailure(Exception):
 # A draining worker's refusal, and a drain's abort of a call: the worker is leaving, not failing.
 _DRAINING = "UNAVAILABLE: the worker is draining"
 _DRAINED = (_DRAINING, f"FINISH_REASON_ABORT: {DRAINED_ERROR}")
+# How long a migrated stream waits for a worker with room (the client's stream stalls) before it ends with an error.
+_MIGRATION_ROOM_WAIT_S = 10.0
+# A call the pool cancelled because its worker went silent (WorkerPool.evict_silent_calls).
+_SILENT = "UNAVAILABLE: evicted from a silent worker"
+
+
+def _no_verdict(failure: str) -> bool:
+    """A failure that says the worker left (drained) or was judged by its health checks (evicted), not that it
+    failed this call: no breaker count, no backoff, and not one of max_attempts."""
+    return failure in _DRAINED or failure.startswith(_SILENT)
 
 
 def _ejects(failure: str) -> bool:

@@ -123,6 +123,26 @@ class GatewayMetrics:
             "Retries after a worker failure that the retry budget refused (the request failed with its error)",
             registry=r,
         )
+        self.retry_budget_available = Gauge(
+            PREFIX + "retry_budget_available",
+            "Retries the retry budget would allow now (its ratio of the window's requests plus its floor, less the "
+            "retries spent in the window); at 0 a failed attempt ends its request",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.worker_calls_evicted = Counter(
+            PREFIX + "worker_calls_evicted",
+            "Calls cancelled on a worker the health checks found silent, to be retried or migrated at once",
+            ["worker"],
+            registry=r,
+        )
+        self.worker_connections_lost = Counter(
+            PREFIX + "worker_connections_lost",
+            "Connections to a worker that stopped being ready (closed by the worker, reset, or by a keepalive "
+            "ping gone unanswered)",
+            ["worker"],
+            registry=r,
+        )
         self.retry_backoff = Histogram(
             PREFIX + "retry_backoff_seconds",
             "Waits before a retry on another worker after a failure",

@@ -194,13 +194,17 @@ class RetryBudget:
 
     def try_retry(self) -> bool:
         """Spend one retry if the budget has one; False (nothing spent) if it is exhausted."""
-        bucket = self._current()
+        if self.available() < 1:
+            return False
+        self._current()[2] += 1
+        return True
+
+    def available(self) -> float:
+        """The retries the budget allows now: its allowance over the window less the retries spent in it."""
+        self._current()
         requests = sum(b[1] for b in self._buckets)
         retries = sum(b[2] for b in self._buckets)
-        if retries + 1 > self.ratio * requests + self.min_per_s * self.window_s:
-            return False
-        bucket[2] += 1
-        return True
+        return max(0.0, self.ratio * requests + self.min_per_s * self.window_s - retries)
 
     def _current(self) -> list[int]:
         index = math.floor(self._clock() / self._bucket_s)

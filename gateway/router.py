@@ -19,17 +19,22 @@ from typing import Any
 
 from gateway.resilience import CircuitBreaker
 
+# How long one RESOURCE_EXHAUSTED keeps requests off a worker; refusals in a row double it up to the worker's hint.
+BUSY_HOLD_S = 0.1
+
 
 class NoWorkerAvailable(Exception):
     """No healthy worker can take the request (HTTP 503)."""
 
 
 class AllWorkersBusy(Exception):
-    """Every candidate worker's queue is full (HTTP 429); `retry_after_s` is when the first may have room."""
+    """Every candidate worker's queue is full (HTTP 429); `retry_after_s` is when the first may have room, in whole
+    seconds for a Retry-After header, and `wait_s` the same exactly."""
 
-    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+    def __init__(self, message: str, retry_after_s: int = 1, wait_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.wait_s = wait_s
 
 
 class UnknownModel(Exception):
@@ -60,18 +65,40 @@ class WorkerHandle:
     info: Any = None  # its last GetModelInfoResponse: the model's limits, path and type
     in_flight: int = 0  # Generate calls this gateway has open on the worker
     load: WorkerLoad = field(default_factory=WorkerLoad)
-    busy_until: float = 0.0  # time.monotonic() before which the worker said its queue is full
+    busy_until: float = 0.0  # time.monotonic() before which the worker is taken to have a full queue
+    busy_since: float = 0.0  # when the last refusal came: only news from after it clears the mark
+    busy_streak: int = 0  # refusals since the worker last showed room; each doubles the hold
     failed_checks: int = 0  # consecutive failed health checks
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)  # fed by the requests' outcomes
     client: Any = None  # the pool's connection (channel and stubs); the router never touches it
+    # The calls open on the worker (gateway/generation.py's attempts, each with evict(reason) and
+    # last_message_at): what the pool cancels when it finds the worker silent.
+    open_calls: set[Any] = field(default_factory=set)
 
     def score(self) -> int:
         """Outstanding sequences: the larger of our own count (fresh) and the worker's report (complete but late)."""
         return max(self.in_flight, self.load.num_running + self.load.num_waiting)
 
     def queue_full(self, now: float | None = None) -> bool:
-        """True while the worker's last RESOURCE_EXHAUSTED answer (and its retry hint) still holds."""
+        """True while the hold of the worker's last RESOURCE_EXHAUSTED answer lasts (see `mark_busy`)."""
         return (time.monotonic() if now is None else now) < self.busy_until
+
+    def mark_busy(self, retry_after_s: float, now: float | None = None) -> None:
+        """The worker refused a call with a full queue. The hold is proportionate: BUSY_HOLD_S for one refusal,
+        doubling with each refusal in a row up to the worker's own retry hint. A queue full for one step
+        (a burst of arrivals) then costs the worker a tenth of a second of traffic, not the whole hint."""
+        now = time.monotonic() if now is None else now
+        self.busy_streak += 1
+        hold = min(retry_after_s, BUSY_HOLD_S * 2.0 ** min(self.busy_streak - 1, 30))
+        self.busy_since = now
+        self.busy_until = max(self.busy_until, now + hold)
+
+    def has_room(self, since: float) -> None:
+        """The worker showed room (it admitted a call, or reported an empty queue) by news that began at `since`:
+        a refusal that came before then no longer holds it back, and the next refusal starts the streak anew."""
+        if since >= self.busy_since:
+            self.busy_until = 0.0
+            self.busy_streak = 0
 
 
 @dataclass
@@ -275,5 +302,6 @@ class Router:
         candidates = [w for w in allowed if not w.queue_full(now)]
         if not candidates:
             wait = min(w.busy_until for w in allowed) - now
-            raise AllWorkersBusy(f"every worker serving {key.model!r} has a full queue", max(1, math.ceil(wait)))
+            message = f"every worker serving {key.model!r} has a full queue"
+            raise AllWorkersBusy(message, max(1, math.ceil(wait)), max(0.0, wait))
         return self.policy.choose(candidates, key)

@@ -4,8 +4,17 @@ Each `--workers` entry is resolved to addresses; a name with many addresses (a K
 service) becomes many workers, and is re-resolved periodically. Each worker gets one watcher task
 that polls `grpc.health.v1` and `GetLoad`. A worker is admitted to routing once it reports SERVING
 and answers GetModelInfo; it is ejected after consecutive failed checks, at once when it answers
-NOT_SERVING (a drain, a dead engine) or when a request finds it dead or draining, and re-admitted
-when its health check passes again.
+NOT_SERVING (a drain, a dead engine), when a request finds it dead or draining, or when its channel
+cannot connect (TRANSIENT_FAILURE), and re-admitted when its health check passes again.
+
+A worker can also go silent without closing anything (its process frozen, or cut off by a network
+partition): then TCP stays open and no call fails by itself. Two things bound what that costs.
+Each channel sends HTTP/2 keepalive pings, and a connection whose ping goes unanswered for
+KEEPALIVE_TIMEOUT_MS is closed: its calls fail with UNAVAILABLE and are retried or migrated, within
+KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS of the silence (whatever the health settings). And when the
+health checks eject a worker as silent (failed checks, not NOT_SERVING), its calls that have received
+nothing for a health timeout are evicted (cancelled) at once, and fail over the same way. A
+NOT_SERVING or draining worker's calls are left alone: they finish there or the drain ends them.
 
 Ejection is about whether a worker is up; each worker's circuit breaker (gateway/resilience.py),
 fed by the requests' outcomes, is about whether its requests succeed. The pool owns both, and the
@@ -31,16 +40,31 @@ from protos.sfllm.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("sfllm.gateway")
 
-# a restarted worker should be reachable within about a second, not after gRPC's default backoff (up to 2 minutes)
+# HTTP/2 keepalive: a connection that has received nothing for KEEPALIVE_TIME_MS is pinged, and closed if the ping
+# is not answered within KEEPALIVE_TIMEOUT_MS. The worker answers pings from gRPC's own threads, whatever its Python
+# side is busy with, so a loaded worker is not taken for a silent one. Workers must permit pings this often with no
+# calls open (worker/server.py), or they answer with GOAWAY ("too_many_pings").
+KEEPALIVE_TIME_MS = 2000
+KEEPALIVE_TIMEOUT_MS = 2000
 _CHANNEL_OPTIONS = [
+    # a restarted worker should be reachable within about a second, not after gRPC's default backoff (up to 2 min)
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     ("grpc.enable_retries", 0),  # the router retries, on another worker
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),  # between requests too: a silent worker is found before one comes
+    ("grpc.http2.max_pings_without_data", 0),  # a server-streaming call sends no data after its request
+    # Any ping, not only keepalive's: the flow-control (BDP) ping sent as data arrives may be the one in flight when
+    # the worker goes silent, and with one ping in flight at most, keepalive's own waits behind it (1 min by default).
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
 ]
 _UNHEALTHY_AFTER = 2  # consecutive failed health checks before an admitted worker is ejected
+# Ejections that say the worker is up and knows it is leaving (NOT_SERVING, draining): its calls are left to end there.
+_ALIVE_REASONS = ("health_not_serving", "draining")
 
 
 class WorkerClient:
@@ -172,6 +196,7 @@ class WorkerPool:
     def _watch(self, worker: WorkerHandle) -> None:
         if worker.address not in self._watchers:
             self._watchers[worker.address] = asyncio.create_task(self._watch_loop(worker))
+            self._spawn(self._watch_channel(worker))
 
     async def _resolve_loop(self) -> None:
         while True:
@@ -185,7 +210,8 @@ class WorkerPool:
             if not worker.healthy or time.monotonic() - last_health >= self.config.health_interval_s:
                 await self.check(worker)
                 last_health = time.monotonic()
-            if worker.healthy:
+            # No load poll after a failed check: it would wait out a second timeout before the next check.
+            if worker.healthy and worker.failed_checks == 0:
                 await self.poll_load(worker)
             worker.breaker.state  # noqa: B018 (an open breaker past its timeout turns half-open, and says so)
             await asyncio.sleep(self.config.load_interval_s)
@@ -227,6 +253,7 @@ class WorkerPool:
 
     async def poll_load(self, worker: WorkerHandle) -> None:
         """Refresh the worker's load report; a failed poll leaves the old numbers (health decides ejection)."""
+        asked_at = time.monotonic()
         try:
             load = await worker.client.worker.GetLoad(worker_pb2.GetLoadRequest(), timeout=self.config.health_timeout_s)
         except grpc.aio.AioRpcError:
@@ -234,9 +261,30 @@ class WorkerPool:
         worker.load.num_running = load.num_requests_running
         worker.load.num_waiting = load.num_requests_waiting
         worker.load.kv_cache_usage = load.kv_cache_usage
+        if load.num_requests_waiting == 0:
+            worker.has_room(asked_at)  # an empty queue has room, whatever it refused before this poll
+
+    async def _watch_channel(self, worker: WorkerHandle) -> None:
+        """Count the worker's lost connections, and eject it when its channel fails to connect (TRANSIENT_FAILURE):
+        between health checks, a refused or reset connection takes it out of routing at once."""
+        channel = worker.client.channel
+        state = channel.get_state(try_to_connect=False)
+        while True:
+            await channel.wait_for_state_change(state)
+            old, state = state, channel.get_state(try_to_connect=False)
+            if old is grpc.ChannelConnectivity.READY:
+                self.metrics.worker_connections_lost.labels(worker.address).inc()
+                log.info(
+                    "worker connection lost",
+                    extra={"fields": {"worker": worker.address, "state": state.name.lower()}},
+                )
+            if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                self.eject(worker, "channel_transient_failure")
+            elif state is grpc.ChannelConnectivity.SHUTDOWN:
+                return
 
     def eject(self, worker: WorkerHandle, reason: str) -> None:
-        """Take a worker out of routing until a health check passes again."""
+        """Take a worker out of routing until a health check passes again; a silent one's silent calls are evicted."""
         if not worker.healthy:
             return
         worker.healthy = False
@@ -244,6 +292,23 @@ class WorkerPool:
         self.metrics.worker_healthy.labels(worker.address).set(0)
         self.metrics.worker_ejections.labels(worker.address, reason).inc()
         log.warning("worker ejected", extra={"fields": {"worker": worker.address, "reason": reason}})
+        if reason not in _ALIVE_REASONS:
+            self.evict_silent_calls(worker, reason)
+
+    def evict_silent_calls(self, worker: WorkerHandle, reason: str) -> int:
+        """Cancel the worker's calls that have received nothing for a health timeout, so that they are retried or
+        migrated now instead of waiting on the worker; calls still receiving are left to go on. Returns how many."""
+        now = time.monotonic()
+        silent = [a for a in worker.open_calls if now - a.last_message_at >= self.config.health_timeout_s]
+        for attempt in silent:
+            attempt.evict(reason)
+        if silent:
+            self.metrics.worker_calls_evicted.labels(worker.address).inc(len(silent))
+            log.warning(
+                "evicting calls from a silent worker",
+                extra={"fields": {"worker": worker.address, "reason": reason, "calls": len(silent)}},
+            )
+        return len(silent)
 
     async def abort(self, worker: WorkerHandle, request_ids: list[str]) -> None:
         """Best-effort Abort; the cancelled call already tells the worker, this makes sure of it."""

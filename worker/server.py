@@ -52,6 +52,11 @@ class WorkerServer:
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
+                # Gateways ping every 2 s of silence, calls open or not (gateway/workers.py), to find a frozen or
+                # cut-off worker in seconds. gRPC's default answers pings that come more often than every 5
+                # minutes without calls with GOAWAY ("too_many_pings"): permit one a second.
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 1000),
             ]
         )
         worker_pb2_grpc.add_WorkerServicer_to_server(self.service, self._server)

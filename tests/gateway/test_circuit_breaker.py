@@ -138,7 +138,9 @@ def test_the_retry_budget_allows_a_fraction_of_recent_requests_plus_a_floor() ->
     assert not budget.try_retry()  # no requests, no floor: nothing to spend
     for _ in range(10):
         budget.record_request()
+    assert budget.available() == 2.0
     assert [budget.try_retry() for _ in range(3)] == [True, True, False]
+    assert budget.available() == 0.0
     for _ in range(5):
         budget.record_request()
     assert budget.try_retry()  # 15 requests: a third retry
@@ -297,5 +299,6 @@ def test_the_retry_budget_caps_retries_when_every_worker_fails(
         assert sample(gw, "sfllm_gateway:retries_refused_by_budget_total") == 15
         assert sum("retry budget exhausted" in m for m in messages) == 15
         assert sample(gw, "sfllm_gateway:retry_backoff_seconds_count") == 5
+        assert sample(gw, "sfllm_gateway:retry_budget_available") == 0  # spent: 0.25 x 20 requests, all 5 retried
     finally:
         gw.stop()

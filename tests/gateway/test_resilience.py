@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 import transformers
-from gateway_harness import REPO, GatewayServer, WorkerProcess, free_port, gateway_config
+from gateway_harness import API_KEY, REPO, GatewayServer, WorkerProcess, free_port, gateway_config
 
+from gateway.router import BUSY_HOLD_S, WorkerHandle
 from worker.client import WorkerClient, build_request
 
 PROMPT = "Tell me a long story about a lighthouse keeper."
@@ -268,6 +269,95 @@ def test_a_busy_worker_is_retried_on_the_other_one(
             assert after.get("worker_failed", 0) == retried.get("worker_failed", 0), after
             assert healthy(gw, small.target) and ejections(gw, small.target) == {}  # busy is not broken
             assert direct.load().num_requests_running + direct.load().num_requests_waiting == 2
+    finally:
+        for call in holders:
+            call.cancel()
+        gw.stop()
+
+
+def test_busy_marking_is_proportionate_to_the_refusals() -> None:
+    """One refusal holds a worker back for BUSY_HOLD_S, not its whole retry hint; refusals in a row double the hold
+    up to the hint; news of room from after the last refusal (an admitted call, an empty queue) ends the hold."""
+    worker = WorkerHandle("w")
+    worker.mark_busy(30.0, now=100.0)
+    assert worker.queue_full(100.0) and not worker.queue_full(100.0 + BUSY_HOLD_S)
+    holds = []
+    for i in range(1, 12):
+        now = 100.0 + 100 * i
+        worker.mark_busy(30.0, now=now)
+        holds.append(round(worker.busy_until - now, 3))
+    assert holds == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30.0, 30.0, 30.0]  # BUSY_HOLD_S doubled, capped
+    last = 100.0 + 1100
+    worker.has_room(since=last - 0.01)  # news that began before the last refusal: it still holds
+    assert worker.queue_full(last + 1)
+    worker.has_room(since=last)
+    assert not worker.queue_full(last + 0.001) and worker.busy_streak == 0
+    worker.mark_busy(30.0, now=last + 1)
+    assert worker.busy_until == last + 1 + BUSY_HOLD_S  # a new streak
+
+
+def test_a_full_queue_holds_a_worker_back_in_proportion_and_room_ends_the_hold_at_once(
+    spawn: Callable[..., WorkerProcess], model_name: str
+) -> None:
+    """A worker whose queue stays full is tried again at doubling intervals (a trickle, not every request, and not
+    once per 30 s retry hint); once its queue empties, its next load report lets requests in again at once."""
+    small = spawn("--max-num-seqs", "1", "--max-waiting", "1", "--debug-step-delay-s", "0.05", "--retry-after-ms",
+                  "30000")  # fmt: skip
+    gw = GatewayServer(gateway_config([small.target])).start()
+    holders = []
+    handle = gw.app.state.router.workers[small.target]
+    try:
+        gw.wait_healthy(1)
+        with WorkerClient(small.target, timeout=5) as direct, httpx.Client(base_url=gw.url, timeout=30) as http:
+
+            def hold(i: int) -> None:
+                request = build_request(PROMPT, request_id=f"hold-{i}", max_tokens=900, ignore_eos=True)
+                holders.append(direct.stub.Generate(request))
+
+            hold(0)
+            wait_for(lambda: direct.load().num_requests_running == 1, 30, "the first holder to run")
+            hold(1)
+            wait_for(lambda: direct.load().num_requests_waiting == 1, 30, "the second holder to wait")
+
+            def complete() -> httpx.Response:
+                body = {"model": model_name, "prompt": "one more", "max_tokens": 2}
+                return http.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+
+            before = gw.routed()[small.target]
+            statuses, retry_afters = [], set()
+            began = time.monotonic()
+            while handle.busy_streak < 6:  # six refusals in a row: holds of 0.1, 0.2, 0.4, 0.8, 1.6 s, then 3.2 s
+                assert time.monotonic() - began < 20, (handle.busy_streak, len(statuses))
+                reply = complete()
+                statuses.append(reply.status_code)
+                if reply.status_code == 429:
+                    retry_afters.add(int(reply.headers["retry-after"]))
+                    assert reply.json()["error"]["type"] == "rate_limit_error"
+                time.sleep(0.02)
+            elapsed = time.monotonic() - began
+            tried = gw.routed()[small.target] - before  # requests the router let through to the full worker
+            assert set(statuses) == {429}, statuses
+            assert tried == 6  # each refused once, and counted in the streak
+            assert elapsed >= 0.9 * (0.1 + 0.2 + 0.4 + 0.8 + 1.6)  # tried again at doubling intervals, no sooner
+            assert len(statuses) > 3 * tried  # the rest were held back without bothering the worker
+            assert min(retry_afters) >= 1 and max(retry_afters) <= 30
+            remaining_hold = handle.busy_until - time.monotonic()
+            assert remaining_hold > 2.0, remaining_hold  # the sixth refusal's hold: 3.2 s
+
+            for call in holders:
+                call.cancel()
+            wait_for(lambda: direct.load().num_requests_running + direct.load().num_requests_waiting == 0, 30,
+                     "the worker's queue to empty")  # fmt: skip
+            freed = time.monotonic()
+            wait_for(lambda: complete().status_code == 200, remaining_hold, "a request served after the queue emptied")
+            served_after = time.monotonic() - freed
+            print(
+                f"\nfull queue: {len(statuses)} requests in {elapsed:.1f} s, all 429, {tried} let through to the "
+                f"worker; hold left {remaining_hold:.2f} s; served {served_after:.2f} s after the queue emptied"
+            )
+            assert served_after < min(1.0, remaining_hold)  # the load report ended the hold, not its timeout
+            assert handle.busy_streak == 0 and not handle.queue_full()
+            assert healthy(gw, small.target) and ejections(gw, small.target) == {}  # busy is not broken
     finally:
         for call in holders:
             call.cancel()

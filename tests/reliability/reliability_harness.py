@@ -202,6 +202,7 @@ class Outcome:
     request_id: str | None = None
     tokens: int = 0  # completion tokens by the usage chunk
     text_chunks: int = 0
+    text: str = ""  # every chunk's text, joined
     started: float = 0.0
     first_text_at: float | None = None
     ended: float = 0.0
@@ -278,6 +279,7 @@ async def stream_completion(
                         out.finish_reason = choice.get("finish_reason") or out.finish_reason
                         if choice.get("text"):
                             out.text_chunks += 1
+                            out.text += choice["text"]
                             if out.first_text_at is None:
                                 out.first_text_at = time.monotonic()
                             if on_text is not None:

@@ -1,6 +1,8 @@
 """A worker that goes silent rather than dying: cut off by a network partition (a veth pair into a network
 namespace, where root may make one), or frozen by SIGSTOP (everywhere). The gateway ejects it by its health
-checks alone, routes around it meanwhile, and admits it again once it answers."""
+checks, routes around it meanwhile, and admits it again once it answers; the streams it held leave it within
+seconds, whichever comes first of its ejection (which evicts them) and the channel's keepalive (which fails them),
+and go on from the other worker as if nothing had happened."""
 
 import asyncio
 import os
@@ -23,21 +25,30 @@ from reliability_harness import (
     completion_body,
     http_client,
     metric_sum,
+    migrations_metric,
     stream_completion,
     wait_for,
 )
 
-from gateway.workers import _UNHEALTHY_AFTER
+from gateway.workers import _UNHEALTHY_AFTER, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 
 # Ejection takes _UNHEALTHY_AFTER failed health checks. Each round of the worker's watcher waits out the check's
-# timeout and then its GetLoad poll's (the same timeout) before the next check; two loaded cores get two seconds more.
-_ROUND_S = 2 * FAST_HEALTH["health_timeout_s"] + FAST_HEALTH["health_interval_s"] + LOAD_INTERVAL_S
-EJECTION_BOUND_S = _UNHEALTHY_AFTER * _ROUND_S + 2.0
-# How long the calls in flight on a silent worker may stay open: past its ejection, a few seconds.
-RELEASE_BOUND_S = EJECTION_BOUND_S + 3.0
+# timeout, then the check interval (it sleeps a load interval at a time); a GetLoad poll in flight when the silence
+# began waits out one timeout more. Two loaded cores get two seconds more.
+_ROUND_S = FAST_HEALTH["health_timeout_s"] + FAST_HEALTH["health_interval_s"] + LOAD_INTERVAL_S
+EJECTION_BOUND_S = _UNHEALTHY_AFTER * _ROUND_S + FAST_HEALTH["health_timeout_s"] + 2.0
+# Keepalive: a ping KEEPALIVE_TIME_MS after the last data received, unanswered KEEPALIVE_TIMEOUT_MS later, closes the
+# connection and fails its calls (sooner when a flow-control ping was in flight as the silence began).
+KEEPALIVE_BOUND_S = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000 + 2.0
+# The calls in flight on a silent worker leave it at its ejection or its keepalive failure, whichever comes first.
+RELEASE_BOUND_S = min(EJECTION_BOUND_S, KEEPALIVE_BOUND_S)
 READMISSION_BOUND_S = 15.0  # TCP's retransmission backoff after a partition of seconds, then one passing check
-STREAM_TOKENS = 150  # seconds of streaming: still mid-way when the worker falls silent
+STREAM_TOKENS = 80  # 0.8 s of steps at least: still mid-way when the worker falls silent, short after
 REQUEST_TIMEOUT_S = 90.0
+# Health checks that never come during a test: what frees the streams of a silent worker is keepalive alone.
+NO_HEALTH_CHECKS = {"health_interval_s": 600.0, "health_timeout_s": 1.0}
+# What an ejection for silence may say: a failed health check, or a call (or the channel) failed by keepalive.
+SILENCE_REASONS = {"health_deadline_exceeded", "health_unavailable", "unavailable", "channel_transient_failure"}
 
 
 class Namespace:
@@ -111,11 +122,12 @@ def namespace() -> Iterator[Namespace]:
 
 
 class Streams(threading.Thread):
-    """Some long streams through the gateway, read on a thread of their own."""
+    """Some long greedy streams through the gateway, read on a thread of their own."""
 
     def __init__(self, gw: GatewayServer, model: str, count: int) -> None:
         super().__init__(daemon=True)
         self.gw, self.model, self.count = gw, model, count
+        self.prompts = [f"a long stream ({i})" for i in range(count)]
         self.outcomes: list[Outcome] = []
         self.texts = [0] * count
         self.start()
@@ -128,12 +140,24 @@ class Streams(threading.Thread):
                     def seen(out: Outcome) -> None:
                         self.texts[i] = out.text_chunks
 
-                    body = completion_body(self.model, STREAM_TOKENS, f"a long stream ({i})")
+                    body = completion_body(self.model, STREAM_TOKENS, self.prompts[i], temperature=0)
                     return await stream_completion(http, self.gw.url, body, REQUEST_TIMEOUT_S, seen)
 
                 return list(await asyncio.gather(*(one(i) for i in range(self.count))))
 
         self.outcomes = asyncio.run(main())
+
+    def uninterrupted(self) -> list[str]:
+        """What each stream should have been: the same greedy completion, asked for again, not streamed."""
+        client = self.gw.client()
+        return [
+            client.completions.create(
+                model=self.model, prompt=p, max_tokens=STREAM_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+            )
+            .choices[0]
+            .text
+            for p in self.prompts
+        ]
 
 
 def _short_requests(gw: GatewayServer, model: str, count: int) -> dict[str, float]:
@@ -154,73 +178,96 @@ def _silent_worker_round(
     model: str,
     mute: Callable[[], None],
     unmute: Callable[[], None],
-    bound_streams: bool,
 ) -> dict:
-    """Streams on both workers; mute one; time its ejection; route around it; unmute; time its re-admission.
-    With `bound_streams`, stay silent until RELEASE_BOUND_S and count its streams still waiting on it then."""
+    """Streams on both workers; mute one; time its ejection and the release of its streams; route around it; let
+    every stream end while it is still silent; unmute; time its re-admission; check round robin's share after."""
     handle = gw.app.state.router.workers[silent.target]
     streams = Streams(gw, model, 4)  # round robin: two on each worker
     wait_for(lambda: min(streams.texts) >= 2, 60, "every stream's first text")
     on_silent = handle.in_flight
+    migrated_before = migrations_metric(gw)
+    evicted_before = metric_sum(gw, "sfllm_gateway:worker_calls_evicted_total", worker=silent.target)
+    lost_before = metric_sum(gw, "sfllm_gateway:worker_connections_lost_total", worker=silent.target)
     muted_at = time.monotonic()
     mute()
     try:
-        ejected_s = wait_for(lambda: not handle.healthy, 3 * EJECTION_BOUND_S, "the silent worker's ejection")
+        marks: dict[str, float] = {}
+
+        def ejected_and_released() -> bool:
+            if "ejected" not in marks and not handle.healthy:
+                marks["ejected"] = time.monotonic() - muted_at
+            if "released" not in marks and handle.in_flight == 0:
+                marks["released"] = time.monotonic() - muted_at
+            return len(marks) == 2
+
+        wait_for(ejected_and_released, 3 * EJECTION_BOUND_S, lambda: f"ejection and release of its calls: {marks}")
         reasons = {
             dict(labels)["reason"]
             for (name, labels), value in gw.metrics().items()
             if name == "sfllm_gateway:worker_ejections_total" and dict(labels)["worker"] == silent.target and value
         }
         routed = _short_requests(gw, model, 4)
-        # its calls in flight: ended (with an error event, or migrated) by the bound, or still waiting on it?
-        while bound_streams and handle.in_flight and time.monotonic() < muted_at + RELEASE_BOUND_S:
-            time.sleep(0.02)
-        still_open = handle.in_flight
+        streams.join(REQUEST_TIMEOUT_S)  # every stream must end while the worker is still silent
+        ended_while_silent = not streams.is_alive()
+        silent_for = time.monotonic() - muted_at
     finally:
         unmute()
-    healed_at = time.monotonic()
     readmitted_s = wait_for(lambda: handle.healthy, READMISSION_BOUND_S, "the worker's re-admission")
     streams.join(REQUEST_TIMEOUT_S + 10)
     assert not streams.is_alive()
     after = _short_requests(gw, model, 4)
     return {
-        "ejected_s": ejected_s,
+        **marks,
         "reasons": reasons,
         "routed_while_silent": routed,
         "streams_on_silent": on_silent,
-        "silent_for_s": healed_at - muted_at,
+        "ended_while_silent": ended_while_silent,
+        "silent_for_s": silent_for,
         "readmitted_s": readmitted_s,
         "routed_after": after,
         "outcomes": streams.outcomes,
-        "still_open_at_bound": still_open,
+        "equal_to_uninterrupted": [o.text == t for o, t in zip(streams.outcomes, streams.uninterrupted())],
+        "migrated": migrations_metric(gw) - migrated_before,
+        "evicted": metric_sum(gw, "sfllm_gateway:worker_calls_evicted_total", worker=silent.target) - evicted_before,
+        "connections_lost": metric_sum(gw, "sfllm_gateway:worker_connections_lost_total", worker=silent.target)
+        - lost_before,
     }
 
 
-def _check_round(name: str, result: dict, silent: WorkerProcess, other: WorkerProcess, bound_streams: bool) -> None:
-    """The guarantees of a silent worker's round; with `bound_streams`, also that its streams did not wait on it."""
-    bound = f"{RELEASE_BOUND_S:.1f} s later" if bound_streams else "when it was unmuted"
-    kinds = [o.kind for o in result["outcomes"]]
+def _check_round(name: str, result: dict, silent: WorkerProcess, other: WorkerProcess, release_bound_s: float) -> None:
+    """The guarantees of a silent worker's round: ejected in time and routed around, its streams moved off it in
+    time and each completed, token for token the stream it would have been, before the worker answered again."""
+    outcomes = result["outcomes"]
+    lost_tokens = sum(STREAM_TOKENS - o.tokens for o in outcomes) + sum(not e for e in result["equal_to_uninterrupted"])
     print(
-        f"\n{name}: ejected after {result['ejected_s']:.2f} s ({', '.join(sorted(result['reasons']))}; "
+        f"\n{name}: ejected after {result['ejected']:.2f} s ({', '.join(sorted(result['reasons']))}; "
         f"bound {EJECTION_BOUND_S:.1f} s), requests meanwhile {result['routed_while_silent'][other.target]:.0f} to "
-        f"the other worker and {result['routed_while_silent'][silent.target]:.0f} to it; re-admitted "
-        f"{result['readmitted_s']:.2f} s after it answered again (silent {result['silent_for_s']:.1f} s); "
-        f"streams: {result['streams_on_silent']} on it when it fell silent, {result['still_open_at_bound']} of them "
-        f"still open {bound}; all four ended {', '.join(kinds)}"
+        f"the other worker and {result['routed_while_silent'][silent.target]:.0f} to it; streams: "
+        f"{result['streams_on_silent']} on it when it fell silent, moved off it after {result['released']:.2f} s "
+        f"(bound {release_bound_s:.1f} s; calls evicted {result['evicted']:.0f}, connections lost "
+        f"{result['connections_lost']:.0f}), migrated {result['migrated']:.0f}; all four ended "
+        f"{'while it was silent' if result['ended_while_silent'] else 'after it answered again'}: "
+        f"{', '.join(o.kind for o in outcomes)}, equal to an uninterrupted run "
+        f"{sum(result['equal_to_uninterrupted'])}/4, tokens lost {lost_tokens}; re-admitted "
+        f"{result['readmitted_s']:.2f} s after it answered again (silent {result['silent_for_s']:.1f} s)"
     )
     assert result["streams_on_silent"] > 0  # the silence caught streams mid-way
-    assert result["ejected_s"] < EJECTION_BOUND_S
-    assert result["reasons"] and all(r.startswith("health_") for r in result["reasons"]), result["reasons"]
+    assert result["ejected"] < EJECTION_BOUND_S
+    assert result["reasons"] and result["reasons"] <= SILENCE_REASONS, result["reasons"]
     assert result["routed_while_silent"] == {silent.target: 0, other.target: 4}
     assert result["routed_after"] == {silent.target: 2, other.target: 2}  # back in round robin's turn
-    assert all(kind in ("completed", "errored") for kind in kinds), result["outcomes"]  # none hung, none lost
-    if bound_streams and result["still_open_at_bound"]:
-        pytest.xfail(
-            f"{result['still_open_at_bound']} streams on the silent worker were still waiting on it "
-            f"{RELEASE_BOUND_S:.1f} s after it fell silent (they resumed when it answered again): the gateway keeps "
-            "the calls in flight on a worker it ejects as silent (no gRPC keepalive, no cancel on ejection), so they "
-            "wait as long as the silence; they should end with an error event or migrate"
-        )
+    assert result["released"] < release_bound_s
+    assert result["migrated"] >= result["streams_on_silent"]  # each moved on from the other worker
+    assert result["ended_while_silent"]  # none waited for the worker to answer again
+    assert all(o.kind == "completed" for o in outcomes), outcomes
+    assert all(result["equal_to_uninterrupted"]) and lost_tokens == 0
+
+
+def _freezer(worker: WorkerProcess) -> tuple[Callable[[], None], Callable[[], None]]:
+    """SIGSTOP and SIGCONT of the worker's front process: alive, its port open, answering nothing."""
+    assert worker.proc is not None
+    proc = worker.proc
+    return (lambda: proc.send_signal(signal.SIGSTOP)), (lambda: proc.send_signal(signal.SIGCONT))
 
 
 def test_a_partitioned_worker_is_ejected_then_readmitted_once_it_heals(
@@ -234,10 +281,8 @@ def test_a_partitioned_worker_is_ejected_then_readmitted_once_it_heals(
         gw = GatewayServer(gateway_config([cut_off.target, other.target], **FAST_HEALTH)).start()
         try:
             gw.wait_healthy(2)
-            result = _silent_worker_round(
-                gw, cut_off, other, model_name, namespace.partition, namespace.heal, bound_streams=False
-            )
-            _check_round("network partition", result, cut_off, other, bound_streams=False)
+            result = _silent_worker_round(gw, cut_off, other, model_name, namespace.partition, namespace.heal)
+            _check_round("network partition", result, cut_off, other, RELEASE_BOUND_S)
             assert metric_sum(gw, "sfllm_gateway:worker_ejections_total", worker=other.target) == 0
         finally:
             gw.stop()
@@ -248,21 +293,27 @@ def test_a_partitioned_worker_is_ejected_then_readmitted_once_it_heals(
 def test_a_frozen_worker_is_ejected_then_readmitted_once_it_thaws(
     workers: list[WorkerProcess], model_name: str
 ) -> None:
-    """As the partition test, everywhere; and the streams in flight on the frozen worker must not wait on it
-    (an xfail while they do: see _check_round)."""
+    """As the partition test, everywhere."""
     frozen, other = workers
-    assert frozen.proc is not None
     gw = GatewayServer(gateway_config([frozen.target, other.target], **FAST_HEALTH)).start()
     try:
         gw.wait_healthy(2)
+        result = _silent_worker_round(gw, frozen, other, model_name, *_freezer(frozen))
+        _check_round("SIGSTOP (a frozen worker)", result, frozen, other, RELEASE_BOUND_S)
+    finally:
+        gw.stop()
 
-        def freeze() -> None:
-            frozen.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
 
-        def thaw() -> None:
-            frozen.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
-
-        result = _silent_worker_round(gw, frozen, other, model_name, freeze, thaw, bound_streams=True)
-        _check_round("SIGSTOP (a frozen worker)", result, frozen, other, bound_streams=True)
+def test_keepalive_alone_moves_the_streams_off_a_frozen_worker(workers: list[WorkerProcess], model_name: str) -> None:
+    """With no health check due, the channel's keepalive pings find the frozen worker: its connection is closed, its
+    calls fail, and its streams go on from the other worker within the keepalive bound."""
+    frozen, other = workers
+    gw = GatewayServer(gateway_config([frozen.target, other.target], **NO_HEALTH_CHECKS)).start()
+    try:
+        gw.wait_healthy(2)
+        result = _silent_worker_round(gw, frozen, other, model_name, *_freezer(frozen))
+        _check_round("SIGSTOP, keepalive alone (no health check due)", result, frozen, other, KEEPALIVE_BOUND_S)
+        assert result["connections_lost"] >= 1  # keepalive closed the connection; no health check failed
+        assert not any(r.startswith("health_") for r in result["reasons"]), result["reasons"]
     finally:
         gw.stop()
