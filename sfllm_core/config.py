@@ -21,6 +21,9 @@ class EngineConfig:
     load_tokenizer: bool = True
     served_model_name: str | None = None  # default: the checkpoint folder or file name
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
+    # Weight format: "gguf" serves a GGUF file's own quantized blocks on the CPU (int4/int8 kernels),
+    # "none" dequantizes them at load (to dtype). auto: gguf for a GGUF file on the CPU, else none.
+    quantization: str = "auto"
     device: str = "auto"  # auto: cuda when available
     max_context_length: int | None = None  # default: the model's, capped at 8192 tokens
     page_size: int = 16
@@ -55,6 +58,10 @@ class EngineConfig:
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)
+        if self.quantization not in ("auto", "none", "gguf"):
+            raise InvalidRequestError(
+                f"quantization must be auto, none or gguf; got {self.quantization!r}", "quantization"
+            )
         if self.load_format not in ("auto", "dummy"):
             raise InvalidRequestError(f"load_format must be auto or dummy; got {self.load_format!r}", "load_format")
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -22,6 +22,7 @@ class WorkerConfig:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 8001  # Prometheus /metrics over HTTP; 0: pick a free port
     dtype: str = "auto"
+    quantization: str = "auto"  # gguf: a GGUF's own quantized blocks on the CPU; none: dequantized
     device: str = "auto"
     max_context_length: int | None = None
     max_num_seqs: int = 256
@@ -57,6 +58,7 @@ class WorkerConfig:
             load_format=self.load_format,
             served_model_name=self.served_model_name,
             dtype=self.dtype,
+            quantization=self.quantization,
             device=self.device,
             max_context_length=self.max_context_length,
             page_size=self.page_size,
@@ -129,6 +131,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-host", help=f"metrics bind address (default {d.metrics_host})")
     p.add_argument("--metrics-port", type=int, help=f"Prometheus metrics port (default {d.metrics_port})")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights and KV dtype")
+    p.add_argument(
+        "--quantization",
+        choices=["auto", "none", "gguf"],
+        help="gguf: serve a GGUF's quantized blocks on the CPU; none: dequantize to --dtype (auto: gguf on the CPU)",
+    )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--max-context-length", type=int, help="tokens per sequence (default: the model's, capped)")
     p.add_argument("--max-num-seqs", type=int, help=f"sequences batched at once (default {d.max_num_seqs})")

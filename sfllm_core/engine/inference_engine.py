@@ -23,6 +23,7 @@ from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence, S
 from sfllm_core.engine.scheduler import ScheduledBatch, Scheduler, window_pages_per_seq
 from sfllm_core.errors import InvalidRequestError, QueueFullError
 from sfllm_core.layers.attention import AttentionBackend, TorchPagedAttention
+from sfllm_core.layers.linear import install_quantized_weights
 from sfllm_core.layers.sampler import Sampler
 from sfllm_core.models.common import assign_weights, sliding_windows, uninitialized_parameters
 from sfllm_core.models.loader import (
@@ -32,6 +33,7 @@ from sfllm_core.models.loader import (
     load_tokenizer,
     load_weights,
     resolve_model_path,
+    resolve_quantization,
     served_model_name,
 )
 from sfllm_core.models.registry import model_class
@@ -122,6 +124,7 @@ class InferenceEngine:
     def _build_model(self, path: str | None) -> torch.nn.Module:
         cls = model_class(self.model_config)
         loading = path is not None and self.config.load_format != "dummy"
+        self.quantization = "none"
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -132,7 +135,10 @@ class InferenceEngine:
             torch.set_default_dtype(previous)
         if loading:
             tied = bool(getattr(self.model_config, "tie_word_embeddings", False))
-            assign_weights(model, load_weights(path, self.dtype), tied)
+            self.quantization = resolve_quantization(self.config.quantization, path, self.device)
+            weights = load_weights(path, self.dtype, quantization=self.quantization)
+            # Quantized weights (a GGUF's own blocks on the CPU) take their layers' place before the rest loads.
+            assign_weights(model, install_quantized_weights(model, weights, tied), tied)
         # Loading needs the checkpoint's separate q/k/v and gate/up tensors; serving wants one GEMM each.
         model.fuse_projections()
         return model.eval().requires_grad_(False)

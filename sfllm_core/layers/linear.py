@@ -1,16 +1,23 @@
 """Linear layers: decode-sized inputs through a GEMV kernel on CUDA, and merging of projections.
 
 Projections that read the same input (q|k|v, gate|up) are merged into one GEMM after loading.
+A Linear's weight is either a dense Parameter or a QuantizedWeight (layers/quantization.py), a
+module that is its own matmul: `install_quantized_weights` puts those in place of a model's dense
+projections and embeddings before the rest of a checkpoint loads.
 """
 
+import itertools
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sfllm_core.errors import UnsupportedModelError
 from sfllm_core.layers.activation import GatedActivation
 from sfllm_core.layers.norms import RMSNorm
+from sfllm_core.layers.quantization import QuantizedEmbedding, QuantizedWeight, concat_weights
 
 # Where the GEMV kernel beats cuBLAS, measured on an H200 (bench/gemv.py, a whole model's layer
 # projections chained in a CUDA graph): up to 2 rows of input and weights up to 32 MiB. Qwen3-0.6B
@@ -21,15 +28,32 @@ GEMV_MAX_WEIGHT_BYTES = 32 << 20
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, same checkpoint names) with a GEMV path for decode-sized batches."""
+    """nn.Linear (same parameters, same checkpoint names) with a GEMV path for decode-sized batches.
+
+    Built by `from_weight`, its weight is a QuantizedWeight instead, which computes x @ W^T itself.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.use_triton = False  # InferenceEngine turns this on for the Triton backend
 
+    @classmethod
+    def from_weight(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> "Linear":
+        """A Linear computing x @ weight^T (+ bias) through the weight's own format."""
+        layer = cls(weight.in_features, weight.out_features, bias=False, device="meta")
+        del layer.weight
+        layer.weight = weight  # a submodule under the parameter's name: state and repr stay readable
+        layer.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias, False)
+        return layer
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.weight, QuantizedWeight)
+
     def _gemv_fits(self, x: torch.Tensor) -> bool:
         return (
             self.use_triton
+            and not self.quantized
             and x.is_cuda
             and x.dim() == 2
             and x.shape[0] <= GEMV_MAX_ROWS
@@ -37,6 +61,9 @@ class Linear(nn.Linear):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized:
+            y = self.weight(x)
+            return y if self.bias is None else y + self.bias
         if self._gemv_fits(x) and x.shape[0] > 0:
             from sfllm_core.kernels.gemv import gemv
 
@@ -83,9 +110,12 @@ class Linear(nn.Linear):
 @torch.no_grad()
 def merge_linears(*parts: nn.Linear) -> Linear:
     """One Linear whose output is the parts' outputs concatenated in order; the parts are left as they are."""
-    weight = torch.cat([p.weight for p in parts])
     has_bias = parts[0].bias is not None
     assert all((p.bias is not None) == has_bias for p in parts)
+    if any(isinstance(p.weight, QuantizedWeight) for p in parts):
+        bias = torch.cat([p.bias for p in parts]) if has_bias else None
+        return Linear.from_weight(concat_weights([p.weight for p in parts]), bias)
+    weight = torch.cat([p.weight for p in parts])
     # Built on the meta device so no throwaway weights are allocated and initialised.
     merged = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
     merged.weight = nn.Parameter(weight, requires_grad=False)
@@ -105,8 +135,10 @@ CPU_SPLIT_MIN_BYTES = 64 << 20
 _cpu_pool: ThreadPoolExecutor | None = None
 
 
-def project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def project(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight) -> torch.Tensor:
     """x @ weight^T, taking the faster route for decode-sized batches on the CPU."""
+    if isinstance(weight, QuantizedWeight):
+        return weight(x)
     if x.is_cuda or x.dim() != 2 or x.shape[0] > CPU_STREAMED_MAX_ROWS:
         return F.linear(x, weight)
     threads = torch.get_num_threads()
@@ -132,3 +164,47 @@ def _split_rows_matvec(x: torch.Tensor, weight: torch.Tensor, parts: int) -> tor
 
     list(_cpu_pool.map(run, range(parts)))  # torch releases the GIL inside mv
     return out
+
+
+def install_quantized_weights(
+    model: nn.Module, weights: Iterable[tuple[str, "torch.Tensor | QuantizedWeight", str]], tied: bool
+) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Puts the quantized weights that lead `weights` into the model; returns the dense rest, still to load.
+
+    A loader yields its quantized tensors first. Each replaces its nn.Linear by a Linear holding it
+    and its nn.Embedding by a QuantizedEmbedding; with tied embeddings, the layers sharing the
+    embedding's weight (lm_head) take the same QuantizedWeight. Runs eagerly up to the first dense
+    tensor, so that a loader called afterwards (assign_weights) sees the model as it will be.
+    """
+    stream = iter(weights)
+    for name, value, source in stream:
+        if not isinstance(value, QuantizedWeight):
+            return itertools.chain([(name, value, source)], stream)
+        _install(model, name, value, source, tied)
+    return iter(())
+
+
+def _install(model: nn.Module, name: str, weight: QuantizedWeight, source: str, tied: bool) -> None:
+    path = name.removesuffix(".weight")
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        raise UnsupportedModelError(f"{source}: unexpected tensor {name!r} for {type(model).__name__}") from None
+    if not isinstance(module, nn.Linear | nn.Embedding) or tuple(module.weight.shape) != tuple(weight.shape):
+        raise UnsupportedModelError(
+            f"{source}: quantized tensor {name!r} {tuple(weight.shape)} does not fit {module.__class__.__name__}"
+        )
+    if isinstance(module, nn.Embedding):
+        sharing = [
+            n for n, m in model.named_modules() if m is not module and getattr(m, "weight", None) is module.weight
+        ]
+        _replace(model, path, QuantizedEmbedding(weight, module.weight.dtype))
+        for other in sharing if tied else []:
+            _replace(model, other, Linear.from_weight(weight))
+        return
+    _replace(model, path, Linear.from_weight(weight, module.bias))
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -1,0 +1,156 @@
+"""A GGUF's quantized blocks as grouped integers, and the CPU kernel format each one is served in.
+
+Every block type read here stores w = q * scale + offset over groups of 16 or 32 weights of a row:
+
+| type | group | q | scale | offset |
+|---|---|---|---|---|
+| Q4_0 | 32 | 0..15 - 8 | d | - |
+| Q4_1 | 32 | 0..15 | d | m |
+| Q5_0 | 32 | 0..31 - 16 | d | - |
+| Q5_1 | 32 | 0..31 | d | m |
+| Q8_0 | 32 | -127..127 | d | - |
+| Q4_K | 32 (8 per 256) | 0..15 | d * sc | -dmin * m |
+| Q5_K | 32 (8 per 256) | 0..31 | d * sc | -dmin * m |
+| Q6_K | 16 (16 per 256) | 0..63 - 32 | d * sc | - |
+
+(d, dmin, m: float16 of the block; sc, m of the K types: 6-bit (Q4_K/Q5_K) or int8 (Q6_K) per
+sub-block.) `grouped_ints` decodes them into a GroupedIntWeight, bit-identical to the gguf
+package's dequantization. `served_weight` picks the kernel that serves decode-sized batches:
+4-bit types go to torch's int4 kernel as they are (scale and zero point per group of 32); the
+others to its int8 kernel with one scale per row, re-quantized from the exact weights, since the
+kernel has no groups.
+"""
+
+import numpy as np
+import torch
+
+from sfllm_core.layers.quantization import (
+    CPU_QUANTIZED_MAX_ROWS,
+    GroupedIntWeight,
+    Int4PackedWeight,
+    Int8ChannelWeight,
+    QuantizedWeight,
+    RowSwitchWeight,
+)
+
+QK_K = 256
+
+
+def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
+    """The float16 at byte `start` of every block, as float32 [..., 1]."""
+    return np.ascontiguousarray(blocks[..., start : start + 2]).view(np.float16).astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """Bytes [..., n] -> [..., 2n]: the n low nibbles, then the n high ones (ggml's order in a block)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _bits(packed: np.ndarray, count: int) -> np.ndarray:
+    """Little-endian bit i of the bytes [..., count / 8], as uint8 [..., count]."""
+    return np.unpackbits(packed, axis=-1, count=count, bitorder="little")
+
+
+def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K: the 12 bytes of 6-bit (scale, min) pairs of 8 sub-blocks -> two [..., 8] uint8 arrays."""
+    a, b, c = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    sc = np.concatenate([a & 0x3F, (c & 0x0F) | ((a >> 2) & 0x30)], axis=-1)
+    mn = np.concatenate([b & 0x3F, (c >> 4) | ((b >> 2) & 0x30)], axis=-1)
+    return sc, mn
+
+
+def _q4_0(b: np.ndarray):
+    return (_nibbles(b[..., 2:18]).astype(np.int8) - 8), _f16(b, 0), None
+
+
+def _q4_1(b: np.ndarray):
+    return _nibbles(b[..., 4:20]).astype(np.int8), _f16(b, 0), _f16(b, 2)
+
+
+def _q5_0(b: np.ndarray):
+    q = _nibbles(b[..., 6:22]) | (_bits(b[..., 2:6], 32) << 4)
+    return q.astype(np.int8) - 16, _f16(b, 0), None
+
+
+def _q5_1(b: np.ndarray):
+    q = _nibbles(b[..., 8:24]) | (_bits(b[..., 4:8], 32) << 4)
+    return q.astype(np.int8), _f16(b, 0), _f16(b, 2)
+
+
+def _q8_0(b: np.ndarray):
+    return np.ascontiguousarray(b[..., 2:34]).view(np.int8), _f16(b, 0), None
+
+
+def _q4_k(b: np.ndarray):
+    sc, mn = _k_scales(b[..., 4:16])
+    qs = b[..., 16:144].reshape(*b.shape[:-1], 4, 32)
+    q = np.stack([qs & 0x0F, qs >> 4], axis=-2).reshape(*b.shape[:-1], QK_K)
+    return q.astype(np.int8), _f16(b, 0) * sc.astype(np.float32), -(_f16(b, 2) * mn.astype(np.float32))
+
+
+def _q5_k(b: np.ndarray):
+    sc, mn = _k_scales(b[..., 4:16])
+    qh = b[..., 16:48].reshape(*b.shape[:-1], 1, 32)
+    qs = b[..., 48:176].reshape(*b.shape[:-1], 4, 32)
+    low = np.stack([qs & 0x0F, qs >> 4], axis=-2).reshape(*b.shape[:-1], 8, 32)
+    high = (qh >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # sub-block j takes bit j of each qh byte
+    q = (low | (high << 4)).reshape(*b.shape[:-1], QK_K)
+    return q.astype(np.int8), _f16(b, 0) * sc.astype(np.float32), -(_f16(b, 2) * mn.astype(np.float32))
+
+
+def _q6_k(b: np.ndarray):
+    lead = b.shape[:-1]
+    ql = b[..., 0:128].reshape(*lead, 2, 1, 64)
+    qh = b[..., 128:192].reshape(*lead, 2, 1, 32)
+    low = np.concatenate([ql & 0x0F, ql >> 4], axis=-2).reshape(*lead, 2, 4, 32)
+    high = (qh >> np.array([0, 2, 4, 6], dtype=np.uint8)[:, None]) & 3
+    q = (low | (high << 4)).reshape(*lead, QK_K).astype(np.int8) - 32
+    sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8).astype(np.float32)
+    return q, _f16(b, 208) * sc, None
+
+
+# type name -> (weights per block, bytes per block, decoder of blocks [..., bytes] -> (q, scale, offset)).
+_DECODERS = {
+    "Q4_0": (32, 18, _q4_0),
+    "Q4_1": (32, 20, _q4_1),
+    "Q5_0": (32, 22, _q5_0),
+    "Q5_1": (32, 24, _q5_1),
+    "Q8_0": (32, 34, _q8_0),
+    "Q4_K": (QK_K, 144, _q4_k),
+    "Q5_K": (QK_K, 176, _q5_k),
+    "Q6_K": (QK_K, 210, _q6_k),
+}
+
+
+def can_decode(type_name: str) -> bool:
+    return type_name in _DECODERS
+
+
+def grouped_ints(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> GroupedIntWeight:
+    """A 2-D GGUF tensor's raw blocks (uint8 [rows, bytes per row]) as a GroupedIntWeight of shape (rows, cols)."""
+    per_block, nbytes, decode = _DECODERS[type_name]
+    rows, cols = shape
+    blocks = np.asarray(data, dtype=np.uint8).reshape(rows, cols // per_block, nbytes)
+    q, scale, offset = decode(blocks)
+    q = torch.from_numpy(np.ascontiguousarray(q).reshape(rows, cols))
+    # The scales: one per group of a block, flattened over the row's blocks.
+    scale = torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32).reshape(rows, -1))
+    if offset is not None:
+        offset = torch.from_numpy(np.ascontiguousarray(offset, dtype=np.float32).reshape(rows, -1))
+    return GroupedIntWeight(q, scale, offset)
+
+
+def served_weight(exact: GroupedIntWeight) -> QuantizedWeight:
+    """The format a linear layer holds: decode-sized batches through a torch kernel, prefill exact."""
+    return RowSwitchWeight(decode_weight(exact), exact, max_rows=CPU_QUANTIZED_MAX_ROWS)
+
+
+def decode_weight(exact: GroupedIntWeight) -> QuantizedWeight:
+    """torch's int4 kernel for weights of 16 levels per group of 32 or more, else its int8 kernel (per row)."""
+    q = exact.q
+    low = int(q.min())
+    if int(q.max()) - low <= 15 and exact.group_size >= 32 and exact.out_features % 16 == 0:
+        # q in [low, low + 15]: shift into 0..15, folding low * scale into the offset.
+        offset = low * exact.scale if exact.offset is None else exact.offset + low * exact.scale
+        return Int4PackedWeight.from_ints((q.to(torch.int16) - low).to(torch.uint8), exact.scale, offset)
+    return Int8ChannelWeight.from_dense(exact.dequantize())
