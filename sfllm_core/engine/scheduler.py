@@ -73,6 +73,12 @@ class Scheduler:
     def _preempt(self, seq: RequestSequence) -> None:
         self.running.remove(seq)
         self.pool.release(seq)
+        if self.waiting and self.waiting[0].pages:
+            # The head may hold the pages of its cached prefix while it waits for the rest; once it
+            # is no longer first it must let them go, or the new head could wait on them for ever.
+            head = self.waiting[0]
+            self.pool.release(head)
+            head.num_computed_tokens = 0
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

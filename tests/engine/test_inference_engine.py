@@ -284,3 +284,23 @@ def test_a_continuation_goes_on_as_the_uninterrupted_sequence(model_path, sampli
         engine.make_sequence("full", prompt, params, whole)  # nothing left to generate
     assert info.value.param == "continuation"
     _assert_clean(engine)
+
+
+def test_preemption_never_leaves_the_queue_waiting_on_a_prefix_its_second_holds(qwen3_path):
+    """The queue's head takes its cached prefix pages while it waits; a preempted sequence put
+    before it must not then wait for ever on the pages it holds (a livelock once seen here)."""
+    engine = InferenceEngine(model_path=str(qwen3_path), dtype="float32", page_size=4, num_pages=20)
+    prompts = _prompts(engine.vocab_size, [19, 5, 33])
+    prompts += [prompts[0][:6] * 4, prompts[2][:9] * 3]
+    seqs = [
+        engine.make_sequence(f"r{i}", p, SamplingParams(max_tokens=24, ignore_eos=True)) for i, p in enumerate(prompts)
+    ]
+    for seq in seqs:
+        engine.submit(seq)
+    for _ in range(400):
+        if not engine.has_work():
+            break
+        engine.step()
+    assert [s.finish_reason for s in seqs] == ["length"] * 5
+    assert engine.scheduler.num_preemptions > 0
+    _assert_clean(engine)
