@@ -40,6 +40,15 @@ class EngineConfig:
     cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256
     seed: int = 0
+    # Speculative decoding: None (off) or "ngram" (prompt lookup: drafts are the tokens that followed
+    # the sequence's last ngram_max..ngram_min tokens where they occurred before).
+    speculative_algorithm: str | None = None
+    num_speculative_tokens: int = 4  # drafts per sequence and step at most
+    ngram_max: int = 4
+    ngram_min: int = 2
+    # Speculation stands aside in steps with more decoding sequences than this: a large batch is
+    # compute-bound, and verifying drafts there costs more than it saves.
+    speculative_max_batch: int = 32
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -64,6 +73,19 @@ class EngineConfig:
             )
         if self.load_format not in ("auto", "dummy"):
             raise InvalidRequestError(f"load_format must be auto or dummy; got {self.load_format!r}", "load_format")
+        if self.speculative_algorithm not in (None, "ngram"):
+            raise InvalidRequestError(
+                f"speculative_algorithm must be ngram or None; got {self.speculative_algorithm!r}",
+                "speculative_algorithm",
+            )
+        if self.speculative_algorithm is not None:
+            for name in ("num_speculative_tokens", "ngram_min", "speculative_max_batch"):
+                if getattr(self, name) < 1:
+                    raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)
+            if self.ngram_max < self.ngram_min:
+                raise InvalidRequestError(
+                    f"ngram_max ({self.ngram_max}) must be >= ngram_min ({self.ngram_min})", "ngram_max"
+                )
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise InvalidRequestError(
                 f"attention_backend must be auto, torch or triton; got {self.attention_backend!r}", "attention_backend"

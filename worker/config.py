@@ -36,6 +36,11 @@ class WorkerConfig:
     attention_backend: str = "auto"
     cuda_graphs: bool = True
     seed: int = 0
+    speculative_algorithm: str | None = None  # "ngram": prompt-lookup drafts, verified in one step (off by default)
+    num_speculative_tokens: int = 4
+    ngram_max: int = 4
+    ngram_min: int = 2
+    speculative_max_batch: int = 32  # speculation stands aside in steps with more decoding sequences
     max_n: int = 16  # most completions one Generate call may ask for
     max_stop_strings: int = 16
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight streams may run before they are aborted
@@ -72,6 +77,11 @@ class WorkerConfig:
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
             seed=self.seed,
+            speculative_algorithm=self.speculative_algorithm,
+            num_speculative_tokens=self.num_speculative_tokens,
+            ngram_max=self.ngram_max,
+            ngram_min=self.ngram_min,
+            speculative_max_batch=self.speculative_max_batch,
         )
 
     @classmethod
@@ -155,6 +165,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-backend", choices=["auto", "torch", "triton"])
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False)
     p.add_argument("--seed", type=int, help="engine seed for unseeded sampling")
+    p.add_argument("--speculative-algorithm", choices=["ngram"], help="speculative decoding (default: off)")
+    p.add_argument(
+        "--num-speculative-tokens", type=int, help=f"drafts per sequence and step (default {d.num_speculative_tokens})"
+    )
+    p.add_argument("--ngram-max", type=int, help=f"longest suffix n-gram looked up (default {d.ngram_max})")
+    p.add_argument("--ngram-min", type=int, help=f"shortest suffix n-gram looked up (default {d.ngram_min})")
+    p.add_argument(
+        "--speculative-max-batch",
+        type=int,
+        help=f"no speculation in steps with more decoding sequences (default {d.speculative_max_batch})",
+    )
     p.add_argument("--max-n", type=int, help=f"most completions per request (default {d.max_n})")
     p.add_argument("--max-stop-strings", type=int, help=f"most stop strings per request (default {d.max_stop_strings})")
     p.add_argument("--drain-timeout-s", type=float, help=f"SIGTERM drain limit (default {d.drain_timeout_s})")

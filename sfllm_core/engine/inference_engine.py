@@ -21,6 +21,7 @@ from sfllm_core.engine.memory_pool import MemoryPool
 from sfllm_core.engine.model_runner import ModelRunner
 from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence, SequenceStatus
 from sfllm_core.engine.scheduler import ScheduledBatch, Scheduler, window_pages_per_seq
+from sfllm_core.engine.speculative import accepted_length, make_proposer, sample_rows
 from sfllm_core.errors import InvalidRequestError, QueueFullError
 from sfllm_core.layers.attention import AttentionBackend, TorchPagedAttention
 from sfllm_core.layers.linear import install_quantized_weights
@@ -95,6 +96,14 @@ class InferenceEngine:
             self.model, self.pool, self._build_backend(), self.device, self.max_context_length, graph_batch
         )
         self.sampler = Sampler(config.seed)
+        self.proposer = make_proposer(
+            config.speculative_algorithm, config.num_speculative_tokens, config.ngram_max, config.ngram_min
+        )
+        if self.proposer is not None and self.runner.graphs is not None:
+            # Eager verify steps launch every kernel from the host: at batch 1 that costs what the drafts save.
+            self.runner.enable_verify_graphs(
+                config.num_speculative_tokens + 1, min(config.speculative_max_batch, graph_batch)
+            )
         self.limits = EngineLimits(self.vocab_size, self.max_context_length, self.pool.page_size, self.pool.num_pages)
         self.grammar = GrammarBackend(self.vocab_size, self.tokenizer)
 
@@ -379,8 +388,13 @@ class InferenceEngine:
         outputs = self._drain_inbox()
         if self._grammar_queue:
             outputs += self._admit_constrained()
+        if self.proposer is not None:
+            outputs += self._propose()
         batch = self.scheduler.schedule()
         pending, self._pending = self._pending, None
+        if any(s.draft_ids for s in batch.seqs):
+            assert pending is None, "drafts are proposed only once every token is read"
+            return outputs + self._verify(batch)
         if batch.seqs and self.runner.graph_fits(batch) and not any(self.sampler.needs_host(s) for s in batch.seqs):
             return outputs + self._launch_overlapped(batch, pending)
         if pending is not None:
@@ -398,8 +412,71 @@ class InferenceEngine:
             return outputs + self._fail(batch, exc)
         for seq, token, logprob in zip(sampled, tokens, logprobs):
             seq.token_ids.append(token)
-            outputs.append(self._accept_token(seq, seq.num_tokens - 1, logprob))
+            outputs.append(self._accept_tokens(seq, seq.num_tokens - 1, [logprob]))
         return outputs
+
+    # ---- speculative decoding -----------------------------------------------------------------
+
+    def _propose(self) -> list[StepOutput]:
+        """Give decoding sequences drafts for this step (speculative decoding; see engine/speculative.py).
+
+        Proposing reads every token, so a step launched ahead is settled first, but only when some
+        sequence is due a proposal: one the proposer keeps missing is skipped for a while, and a
+        batch with more decoding sequences than speculative_max_batch is left alone.
+        """
+        decoding = [
+            s
+            for s in self.scheduler.running
+            if s.params.constraint is None and s.num_computed_tokens + 1 == s.num_tokens
+        ]
+        if not decoding or len(decoding) > self.config.speculative_max_batch:
+            return []
+        due = [s for s in decoding if self.proposer.wants(s)]
+        if not due:
+            return []
+        outputs = []
+        if self._pending is not None:
+            outputs = self._resolve(self._pending)
+            self._pending = None
+        for seq in due:
+            if seq.is_finished:
+                continue
+            # Never past max_tokens (the verified step adds one token more than it accepts) or the context.
+            limit = min(
+                seq.params.max_tokens - (seq.num_tokens - seq.num_prompt_tokens) - 1,
+                self.max_context_length - seq.num_tokens,
+            )
+            seq.draft_ids = self.proposer.propose(seq, limit)
+        return outputs
+
+    def _verify(self, batch: ScheduledBatch) -> list[StepOutput]:
+        """A step where some sequences feed drafts: sample every row, keep each sequence's drafts
+        while they match, give back the pages of the rest, and report every kept token."""
+        try:
+            logits, rows = self.runner.execute(batch)
+            sampled = [batch.seqs[r] for r in rows]
+            tokens, logprobs = self.sampler(logits, sample_rows(sampled)) if sampled else ([], [])
+        except Exception as exc:
+            return self._fail(batch, exc)
+        settled = []
+        offset = 0
+        for r in rows:
+            seq = batch.seqs[r]
+            drafts = seq.draft_ids
+            m = len(drafts)
+            got = tokens[offset : offset + m + 1]
+            accepted = accepted_length(drafts, got) if m else 0
+            settled.append((seq, seq.num_tokens, logprobs[offset : offset + accepted + 1]))
+            offset += m + 1
+            seq.token_ids += got[: accepted + 1]
+            if m:
+                self.proposer.observe(seq, m, accepted)
+                seq.num_accepted_drafts += accepted
+                seq.draft_ids = []
+                batch.num_new_tokens[r] = 1 + accepted  # the K/V kept: the last token's and the accepted drafts'
+                self.pool.truncate(seq, seq.num_tokens)  # rejected drafts' pages go back
+        self.scheduler.commit(batch)
+        return [self._accept_tokens(seq, first, lps) for seq, first, lps in settled]
 
     def _launch_overlapped(self, batch: ScheduledBatch, pending: "_PendingStep | None") -> list[StepOutput]:
         try:
@@ -445,7 +522,7 @@ class InferenceEngine:
             if seq.is_finished:  # aborted, or ended by the step before
                 continue
             seq.token_ids[position] = token
-            outputs.append(self._accept_token(seq, position, logprob))
+            outputs.append(self._accept_tokens(seq, position, [logprob]))
         return outputs
 
     def _fail(self, seqs, exc: Exception) -> list[StepOutput]:
@@ -457,30 +534,38 @@ class InferenceEngine:
             outputs.append(self._output(seq, [], None, finished=True, error=f"{type(exc).__name__}: {exc}"))
         return outputs
 
-    def _accept_token(self, seq: RequestSequence, position: int, logprob) -> StepOutput:
-        """Check the token now at `position` for the end of the request; later (pending) ones are dropped."""
+    def _accept_tokens(self, seq: RequestSequence, first: int, logprobs: list) -> StepOutput:
+        """Check the tokens now at first, first + 1, ... (one per logprob entry) for the end of the
+        request, one by one; the output carries those before the end, and later ones are dropped."""
         params = seq.params
-        token = seq.token_ids[position]
         grammar = seq.grammar
-        if grammar is not None and grammar.rejected is not None:
-            del seq.token_ids[position:]
-            self._finish(seq, "error")
-            return self._output(seq, [], None, finished=True, error=f"the grammar rejected the sampled token {token}")
-        stop = (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids
-        # A grammar that is complete and took a stop token ends the output even with ignore_eos.
-        if stop or (grammar is not None and grammar.is_terminated):
-            del seq.token_ids[position + 1 :]
-            seq.stop_token_id = token
-            self._finish(seq, "stop")
-            return self._output(seq, [], None, finished=True)
-        if seq.logprobs is not None and logprob is not None:
-            seq.logprobs.append(logprob)
-        num_out = position + 1 - seq.num_prompt_tokens
-        if num_out >= params.max_tokens or position + 1 >= self.max_context_length:
-            del seq.token_ids[position + 1 :]
-            self._finish(seq, "length")
-            return self._output(seq, [token], logprob, finished=True)
-        return self._output(seq, [token], logprob)
+        tokens: list[int] = []
+        kept: list = []
+        for position in range(first, first + len(logprobs)):
+            token = seq.token_ids[position]
+            logprob = logprobs[position - first]
+            if grammar is not None and grammar.rejected is not None:
+                del seq.token_ids[position:]
+                self._finish(seq, "error")
+                error = f"the grammar rejected the sampled token {token}"
+                return self._output(seq, tokens, kept, finished=True, error=error)
+            stop = (not params.ignore_eos and token in self.eos_token_ids) or token in params.stop_token_ids
+            # A grammar that is complete and took a stop token ends the output even with ignore_eos.
+            if stop or (grammar is not None and grammar.is_terminated):
+                del seq.token_ids[position + 1 :]
+                seq.stop_token_id = token
+                self._finish(seq, "stop")
+                return self._output(seq, tokens, kept, finished=True)
+            if seq.logprobs is not None and logprob is not None:
+                seq.logprobs.append(logprob)
+            tokens.append(token)
+            kept.append(logprob)
+            num_out = position + 1 - seq.num_prompt_tokens
+            if num_out >= params.max_tokens or position + 1 >= self.max_context_length:
+                del seq.token_ids[position + 1 :]
+                self._finish(seq, "length")
+                return self._output(seq, tokens, kept, finished=True)
+        return self._output(seq, tokens, kept)
 
     def _finish(self, seq: RequestSequence, reason: str) -> None:
         """End a sequence wherever it is: out of every queue, its pages and its matcher given back."""
@@ -490,7 +575,7 @@ class InferenceEngine:
             seq.grammar.close()
             seq.grammar = None
 
-    def _output(self, seq, tokens, logprob, finished=False, error=None) -> StepOutput:
+    def _output(self, seq, tokens, logprobs, finished=False, error=None) -> StepOutput:
         return StepOutput(
             request_id=seq.request_id,
             token_ids=tokens,
@@ -498,7 +583,7 @@ class InferenceEngine:
             finished=finished,
             finish_reason=seq.finish_reason if finished else None,
             stop_token_id=seq.stop_token_id if finished else None,
-            logprobs=[logprob] if logprob is not None else None,
+            logprobs=logprobs if logprobs and logprobs[0] is not None else None,
             num_cached_tokens=seq.num_cached_tokens,
             num_computed_tokens=seq.num_computed_tokens,
             error=error,

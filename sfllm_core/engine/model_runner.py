@@ -18,6 +18,7 @@ import torch
 from sfllm_core.engine.memory_pool import MemoryPool
 from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence
 from sfllm_core.engine.scheduler import ScheduledBatch
+from sfllm_core.engine.verify_graphs import VerifyGraphs
 from sfllm_core.layers.attention import AttentionBackend, BatchMetadata
 from sfllm_core.models.common import ForwardContext
 from sfllm_core.outputs import TokenLogprob
@@ -119,6 +120,15 @@ class ModelRunner:
         self.graphs: _DecodeGraphs | None = None
         if device.type == "cuda" and cuda_graph_max_batch > 0:
             self._capture(cuda_graph_max_batch)
+        self.verify: VerifyGraphs | None = None  # fixed-shape verify steps (speculative decoding)
+
+    def enable_verify_graphs(self, tokens_per_seq: int, max_batch: int) -> None:
+        """Run verify steps of up to max_batch decoding sequences padded to tokens_per_seq each,
+        from CUDA graphs (captured here) on CUDA, eagerly elsewhere (where tests check the padding)."""
+        max_pages = -(-self.max_context_length // self.pool.page_size)
+        self.verify = VerifyGraphs(self, graph_batch_sizes(max_batch), tokens_per_seq, max_pages)
+        if self.device.type == "cuda":
+            self.verify.capture()
 
     # ---- batch preparation --------------------------------------------------------------------
 
@@ -139,7 +149,10 @@ class ModelRunner:
         window_slots: list[int] = []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
+            drafts = seq.draft_ids
             input_ids += seq.token_ids[start : start + n]
+            if drafts:  # a verify step: the last token, then the drafts
+                input_ids += drafts
             for pos in range(start, start + n):
                 positions.append(pos)
                 slots.append(seq.pages[pos // page_size] * page_size + pos % page_size)
@@ -148,9 +161,10 @@ class ModelRunner:
             query_start.append(query_start[-1] + n)
             seq_lens.append(start + n)
             query_lens.append(n)
-            if start + n == seq.num_tokens:
+            if start + n == seq.num_tokens + len(drafts):
                 sample_rows.append(row)
-                logits_indices.append(query_start[-1] - 1)
+                # A verified sequence gets a row of logits per fed token: each checks the next draft.
+                logits_indices += range(query_start[-1] - 1 - len(drafts), query_start[-1])
         num_decodes = sum(1 for n in batch.num_new_tokens if n == 1)
         dev = self.device
 
@@ -190,7 +204,10 @@ class ModelRunner:
         pending_tokens: torch.Tensor | None = None,
         pending_rows: dict[int, int] | None = None,
     ) -> tuple[torch.Tensor | None, list[int]]:
-        """Run one step; returns logits [len(sample_rows), vocab] (float32) and sample_rows.
+        """Run one step; returns logits [rows, vocab] (float32) and sample_rows.
+
+        Logits come one row per sampled sequence, in sample_rows' order, or 1 + len(draft_ids)
+        consecutive rows for a sequence with drafts (a verify step).
 
         A sequence whose next input is PENDING_TOKEN takes it from pending_tokens (last step's
         sampled ids, still on the device) at row pending_rows[id(seq)]; only graph replays do that.
@@ -199,6 +216,8 @@ class ModelRunner:
         """
         if self.graphs is not None and self.graph_fits(batch):
             return self._replay(batch, pending_tokens, pending_rows), list(range(len(batch.seqs)))
+        if self.verify is not None and any(s.draft_ids for s in batch.seqs) and self.verify.fits(batch):
+            return self.verify.run(batch), list(range(len(batch.seqs)))
         input_ids, meta, sample_rows = self.prepare(batch)
         self.backend.prepare(meta)
         if meta.window is not None:

@@ -51,6 +51,8 @@ class RequestSequence:
         self.window_row: np.ndarray | None = None
         # Draft tokens proposed for this step (speculative decoding): verified after the last token.
         self.draft_ids: list[int] = []
+        self.drafter_state: dict | None = None  # the draft proposer's per-sequence state (its index, back-off)
+        self.num_accepted_drafts = 0  # draft tokens verification kept, over the request
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.num_emitted = 0  # output tokens already handed out as StepOutputs

@@ -73,6 +73,7 @@ class Scheduler:
     def _preempt(self, seq: RequestSequence) -> None:
         self.running.remove(seq)
         self.pool.release(seq)
+        seq.draft_ids = []
         if self.waiting and self.waiting[0].pages:
             # The head may hold the pages of its cached prefix while it waits for the rest; once it
             # is no longer first it must let them go, or the new head could wait on them for ever.
@@ -104,6 +105,14 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
+            if seq.draft_ids:
+                # Drafts ride along with the decode only where budget and free pages allow: never
+                # at the cost of a preemption.
+                drafted = num_new + len(seq.draft_ids)
+                if num_new == 1 and drafted <= budget and self._pages_needed(seq, drafted) <= self.pool.num_free_pages:
+                    num_new = drafted
+                else:
+                    seq.draft_ids = []
             self.pool.grow(seq, seq.num_computed_tokens + num_new)
             target = singles if num_new == 1 else chunks
             target.seqs.append(seq)
@@ -135,7 +144,11 @@ class Scheduler:
         return ScheduledBatch(singles.seqs + chunks.seqs, singles.num_new_tokens + chunks.num_new_tokens)
 
     def commit(self, batch: ScheduledBatch) -> None:
-        """Advance computed counts after the forward pass and publish newly full pages."""
+        """Advance computed counts after the forward pass and publish newly full pages.
+
+        A verified sequence's entry must by then count only the tokens kept (its last token and
+        the accepted drafts), its rejected drafts' pages given back (MemoryPool.truncate).
+        """
         page_size = self.pool.page_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
@@ -159,6 +172,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.pool.release(seq)
+        seq.draft_ids = []
         while seq.token_ids and seq.token_ids[-1] == PENDING_TOKEN:
             seq.token_ids.pop()
         seq.status = SequenceStatus.FINISHED

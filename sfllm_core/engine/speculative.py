@@ -1,0 +1,158 @@
+"""Speculative decoding: draft proposers, and the rows a verify step samples.
+
+A verify step feeds a decoding sequence its last token followed by its drafts d1..dm, and gets
+m + 1 rows of logits: row j is the distribution of the token after d1..dj. Each row is sampled
+as an ordinary step would sample that position (same penalties over the same history, same
+top-k / top-p / min-p, a seeded row's noise from the same output index), and the drafts are
+accepted while they equal the sampled tokens; the first token that differs, or the one after
+the last draft, is kept too. For drafts that are a function of the context (n-gram lookup, a
+greedy draft model: a point-mass proposal), this is the speculative-sampling rule exactly:
+the draft x is accepted with probability p(x), and on rejection the token kept is a draw from p
+with x removed, renormalised (the sampled token given that it is not x). So the output has the
+target distribution, and a seeded request draws the very tokens it draws without speculation.
+"""
+
+from abc import ABC, abstractmethod
+
+from sfllm_core.engine.request_sequence import RequestSequence
+
+# A proposer that found nothing (or had every draft rejected) for a sequence waits this many
+# steps at most before it tries again: the wait doubles from 1 after each miss in a row.
+MAX_BACKOFF_STEPS = 16
+
+
+class DraftRow:
+    """Row j of a verify step as the Sampler sees it: the sequence with its first j drafts appended."""
+
+    __slots__ = ("seq", "j")
+
+    def __init__(self, seq: RequestSequence, j: int) -> None:
+        self.seq, self.j = seq, j
+
+    @property
+    def params(self):
+        return self.seq.params
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return self.seq.adjusts_logits
+
+    grammar = None  # constrained sequences are never drafted for
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.seq.num_prompt_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return self.seq.num_tokens + self.j
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_ids + self.seq.draft_ids[: self.j]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.seq.num_prompt_tokens :]
+
+
+def sample_rows(seqs: list[RequestSequence]) -> list:
+    """The rows a step's logits hold for these sampled sequences: each one, then its draft rows."""
+    rows: list = []
+    for seq in seqs:
+        rows.append(seq)
+        rows += [DraftRow(seq, j) for j in range(1, len(seq.draft_ids) + 1)]
+    return rows
+
+
+def accepted_length(drafts: list[int], sampled: list[int]) -> int:
+    """How many drafts the sampled tokens (one per row, len(drafts) + 1) confirm, from the first."""
+    a = 0
+    while a < len(drafts) and sampled[a] == drafts[a]:
+        a += 1
+    return a
+
+
+class _Backoff:
+    """Per sequence: steps left to wait before the next proposal, and the wait after a miss."""
+
+    __slots__ = ("wait", "next_wait")
+
+    def __init__(self) -> None:
+        self.wait, self.next_wait = 0, 1
+
+
+class DraftProposer(ABC):
+    """Proposes draft tokens for decoding sequences; backs off from those it keeps missing.
+
+    `wants` is asked each step without reading any token (it may run while the previous step's
+    tokens are still on the GPU); `propose` then reads the sequence's tokens, all known.
+    """
+
+    def __init__(self, num_speculative_tokens: int) -> None:
+        self.k = num_speculative_tokens
+        self.num_proposals = 0  # sequences drafted for, summed over steps
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+
+    def wants(self, seq: RequestSequence) -> bool:
+        """Whether to propose for seq this step (counts down its back-off)."""
+        state = seq.drafter_state.get("backoff") if seq.drafter_state else None
+        if state is None or state.wait == 0:
+            return True
+        state.wait -= 1
+        return False
+
+    @abstractmethod
+    def draft(self, seq: RequestSequence, limit: int) -> list[int]:
+        """Up to limit draft tokens to follow seq.token_ids (all known)."""
+
+    def propose(self, seq: RequestSequence, limit: int) -> list[int]:
+        drafts = self.draft(seq, min(limit, self.k)) if limit > 0 else []
+        if not drafts:
+            self._miss(seq)
+        return drafts
+
+    def observe(self, seq: RequestSequence, num_drafts: int, num_accepted: int) -> None:
+        """A verify step's result for seq: rejections of everything count as a miss."""
+        self.num_proposals += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        if num_accepted == 0:
+            self._miss(seq)
+        else:
+            state = self._state(seq)
+            state.wait, state.next_wait = 0, 1
+
+    def _state(self, seq: RequestSequence) -> _Backoff:
+        if seq.drafter_state is None:
+            seq.drafter_state = {}
+        state = seq.drafter_state.get("backoff")
+        if state is None:
+            state = seq.drafter_state["backoff"] = _Backoff()
+        return state
+
+    def _miss(self, seq: RequestSequence) -> None:
+        state = self._state(seq)
+        state.wait = state.next_wait
+        state.next_wait = min(2 * state.next_wait, MAX_BACKOFF_STEPS)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a verify step yields per sequence on average (accepted drafts plus the one sampled)."""
+        return 1 + self.num_accepted_tokens / self.num_proposals if self.num_proposals else 0.0
+
+
+def make_proposer(algorithm: str | None, num_speculative_tokens: int, ngram_max: int, ngram_min: int):
+    """The configured proposer, or None when speculation is off."""
+    if algorithm is None:
+        return None
+    if algorithm == "ngram":
+        from sfllm_core.engine.ngram import NgramProposer
+
+        return NgramProposer(num_speculative_tokens, ngram_max, ngram_min)
+    raise ValueError(f"unknown speculative algorithm {algorithm!r}")

@@ -1,0 +1,177 @@
+"""Verify steps of a fixed shape: every sequence feeds q = k + 1 tokens, replayed from CUDA graphs.
+
+A verify step (speculative decoding) feeds each decoding sequence its last token and up to k
+drafts. Captured graphs need fixed shapes, so each sequence is padded to q rows: the rows past
+its drafts compute garbage that nobody reads. Their K/V go to the scratch page (the pool never
+hands it out), their positions are clamped into the rotary table, and a real row never sees a
+padding row (they come after it, and attention is causal). The batch is padded to the next
+ladder size as decode graphs are, with whole padding sequences on the scratch page. The logits
+of the real rows are gathered in order, as the eager path returns them.
+
+On the CPU the same buffers run eagerly (`VerifyGraphs.run` without capture): tests check the
+padding there against the ragged path.
+"""
+
+import logging
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from sfllm_core.engine.scheduler import ScheduledBatch
+from sfllm_core.layers.attention import BatchMetadata
+from sfllm_core.models.common import ForwardContext
+
+logger = logging.getLogger("sfllm.runner")
+
+
+class VerifyGraphs:
+    """Static buffers of verify steps of q tokens per sequence, and one graph per ladder size."""
+
+    def __init__(self, runner, sizes: list[int], q: int, max_pages: int) -> None:
+        self.runner = runner
+        self.sizes, self.q = sizes, q
+        pool, dev = runner.pool, runner.device
+        n = sizes[-1]
+        t = n * q
+        # Rows of `inputs`: ids, positions, slots, window slots (one column per fed token).
+        self.inputs = torch.zeros(4, t, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.full((n,), q, dtype=torch.int32, device=dev)
+        self.page_table = torch.full((n, max_pages), pool.scratch_page, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(0, (n + 1) * q, q, dtype=torch.int32, device=dev)
+        self.logits_indices = torch.arange(t, dtype=torch.int64, device=dev)
+        pinned = dev.type == "cuda"
+        self.host_inputs = torch.zeros(4, t, dtype=torch.int64, pin_memory=pinned)
+        self.host_seq_lens = torch.zeros(n, dtype=torch.int32, pin_memory=pinned)
+        self.host_table = torch.zeros(n, max_pages, dtype=torch.int32, pin_memory=pinned)
+        self.windowed = pool.window is not None
+        if self.windowed:
+            self.window_page_table = torch.full((n, max_pages), pool.window_scratch_page, dtype=torch.int32, device=dev)
+            self.host_window_table = torch.zeros(n, max_pages, dtype=torch.int32, pin_memory=pinned)
+        self.max_position = runner.max_context_length - 1
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.num_steps = 0  # verify steps run on these buffers
+
+    def fits(self, batch: ScheduledBatch) -> bool:
+        """Only decoding sequences, each with at most q - 1 drafts, no more than the largest size."""
+        q, limit = self.q, self.runner.max_context_length
+        return len(batch.seqs) <= self.sizes[-1] and all(
+            n == 1 + len(s.draft_ids) <= q
+            and s.num_computed_tokens + 1 == s.num_tokens
+            # The padding rows' positions must stay in the sequence's page-table row.
+            and s.num_computed_tokens + q <= limit
+            for s, n in zip(batch.seqs, batch.num_new_tokens)
+        )
+
+    def meta(self, size: int, seq_lens_cpu: list[int] | None = None) -> BatchMetadata:
+        q, t = self.q, size * self.q
+        runner = self.runner
+        meta = BatchMetadata(
+            positions=self.inputs[1, :t],
+            slot_mapping=self.inputs[2, :t],
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            page_table=self.page_table[:size],
+            logits_indices=self.logits_indices[:t],
+            page_size=runner.pool.page_size,
+            num_decodes=0,
+            max_query_len=q,
+            max_seq_len=runner.max_context_length + q,
+            seq_lens_cpu=seq_lens_cpu or [],
+            query_lens_cpu=[q] * size if seq_lens_cpu else [],
+        )
+        if self.windowed:
+            meta.window = replace(
+                meta, slot_mapping=self.inputs[3, :t], page_table=self.window_page_table[:size], backend_state={}
+            )
+        return meta
+
+    def _forward(self, size: int, meta: BatchMetadata) -> torch.Tensor:
+        runner = self.runner
+        runner.backend.prepare(meta)
+        if meta.window is not None:
+            runner.backend.prepare(meta.window)
+        ctx = ForwardContext(runner.backend, meta, runner.pool.kv_caches)
+        hidden = runner.model(self.inputs[0, : size * self.q], meta.positions, ctx)
+        return runner.model.compute_logits(hidden)
+
+    def capture(self) -> None:
+        start = time.perf_counter()
+        graph_pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            meta = self.meta(size)
+            with torch.inference_mode():
+                self._forward(size, meta)  # warm up: compiles kernels outside the capture
+                torch.cuda.synchronize(self.runner.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=graph_pool):
+                    self.outputs[size] = self._forward(size, meta)
+            self.graphs[size] = graph
+        torch.cuda.synchronize(self.runner.device)
+        logger.info(
+            "captured %d verify CUDA graphs (batch %d..%d, %d tokens each) in %.1f s",
+            len(self.sizes),
+            self.sizes[0],
+            self.sizes[-1],
+            self.q,
+            time.perf_counter() - start,
+        )
+
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """The step's logits: 1 + len(draft_ids) rows per sequence, in batch order."""
+        pool, q = self.runner.pool, self.q
+        page_size, scratch = pool.page_size, pool.scratch_page
+        b = len(batch.seqs)
+        size = next(s for s in self.sizes if s >= b)
+        inputs = self.host_inputs.numpy()
+        table = self.host_table.numpy()
+        seq_lens = self.host_seq_lens.numpy()
+        offsets = np.arange(q)
+        spread = scratch * page_size + offsets % page_size  # padding rows' slots, on the scratch page
+        keep: list[int] = []
+        if self.windowed:
+            window_table = self.host_window_table.numpy()
+            window_spread = pool.window_scratch_page * page_size + offsets % page_size
+        for i, seq in enumerate(batch.seqs):
+            p = seq.num_computed_tokens
+            real = 1 + len(seq.draft_ids)
+            cols = slice(i * q, (i + 1) * q)
+            ids = inputs[0, cols]
+            ids[0] = seq.token_ids[p]
+            ids[1:real] = seq.draft_ids
+            ids[real:] = 0
+            positions = p + offsets
+            inputs[1, cols] = np.minimum(positions, self.max_position)
+            pages = seq.page_row[positions[:real] // page_size]
+            inputs[2, cols] = spread
+            inputs[2, i * q : i * q + real] = pages * page_size + positions[:real] % page_size
+            seq_lens[i] = p + q
+            table[i] = seq.page_row
+            if self.windowed:
+                window_pages = seq.window_row[positions[:real] // page_size]
+                inputs[3, cols] = window_spread
+                inputs[3, i * q : i * q + real] = window_pages * page_size + positions[:real] % page_size
+                window_table[i] = seq.window_row
+            keep += range(i * q, i * q + real)
+        # Whole padding sequences: q tokens at positions 0..q-1 on the scratch page.
+        inputs[0, b * q : size * q] = 0
+        inputs[1, b * q : size * q] = np.tile(offsets, size - b)
+        inputs[2, b * q : size * q] = np.tile(spread, size - b)
+        seq_lens[b:size] = q
+        table[b:size] = scratch
+        if self.windowed:
+            inputs[3, b * q : size * q] = np.tile(window_spread, size - b)
+            window_table[b:size] = pool.window_scratch_page
+            self.window_page_table[:size].copy_(self.host_window_table[:size], non_blocking=True)
+        self.inputs[:, : size * q].copy_(self.host_inputs[:, : size * q], non_blocking=True)
+        self.seq_lens[:size].copy_(self.host_seq_lens[:size], non_blocking=True)
+        self.page_table[:size].copy_(self.host_table[:size], non_blocking=True)
+        self.num_steps += 1
+        rows = torch.tensor(keep, dtype=torch.int64).to(self.runner.device, non_blocking=True)
+        if size in self.graphs:
+            self.graphs[size].replay()
+            return self.outputs[size][rows]
+        # No graph (the CPU): the same padded step, eagerly.
+        return self._forward(size, self.meta(size, seq_lens[:size].tolist()))[rows]
