@@ -8,6 +8,7 @@ the kill to land mid-way; the kill follows the stream's own progress (after so m
 
 import json
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import pytest
 from gateway_harness import API_KEY, GatewayServer, WorkerProcess, gateway_config
 
 from gateway.config import GatewayConfig
+from worker.client import WorkerClient, build_request
 
 STEP_DELAY_S = 0.04
 PROMPT = "Tell me a long story about a lighthouse keeper."
@@ -276,6 +278,61 @@ def test_past_its_migration_cap_a_stream_ends_with_an_error_event(pair: list[Wor
     finally:
         stack.restart()
         gateway.stop()
+
+
+def test_a_migration_that_finds_every_queue_full_waits_for_room(
+    qwen3_path: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The stream's worker dies while the only other one has its queue full: the stream stalls until that queue
+    has room, then goes on as one stream, instead of ending with an error event."""
+    log_dir = tmp_path_factory.mktemp("full-queue-logs")
+    (streaming,) = start_workers(Path(qwen3_path), log_dir, ["streaming"])
+    (small,) = start_workers(Path(qwen3_path), log_dir, ["small"], "--max-num-seqs", "1", "--max-waiting", "1")
+    gateway = GatewayServer(gateway_config([streaming.target, small.target])).start()
+    stack = Stack(gateway, [streaming, small])
+    holders: list = []
+    try:
+        gateway.wait_healthy(2)
+        body = dict(prompt=PROMPT, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+        whole = stream(stack, **body)
+        with WorkerClient(small.target, timeout=5) as direct:
+            for i in range(2):  # one running, then one waiting: the queue is full
+                request = build_request(PROMPT, request_id=f"hold-{i}", max_tokens=900, ignore_eos=True)
+                holders.append(direct.stub.Generate(request))
+                wait_for_load(direct, running=1, waiting=i)
+            client = gateway.client(timeout=60)
+            out, stalled = Streamed(), 0.0
+            chunks = client.completions.create(model=stack.model, stream=True, **body)
+            last = time.monotonic()
+            for chunk in chunks:
+                now = time.monotonic()
+                stalled, last = max(stalled, now - last), now
+                for choice in chunk.choices:
+                    out.texts[0] = out.texts.get(0, "") + choice.text
+                    out.finishes.update({0: choice.finish_reason} if choice.finish_reason else {})
+                if not stack.killed and len(out.texts.get(0, "")) > 10:
+                    assert stack.serving() is streaming  # the small worker had no room for it
+                    stack.kill_serving()
+                    threading.Timer(1.5, lambda: [call.cancel() for call in holders]).start()  # room, later
+        assert (out.texts, out.finishes) == (whole.texts, whole.finishes)
+        assert stack.migrations() == 1
+        assert stalled >= 1.0  # it waited for the room
+    finally:
+        for call in holders:
+            call.cancel()
+        gateway.stop()
+        for worker in (streaming, small):
+            worker.stop()
+
+
+def wait_for_load(client: WorkerClient, running: int, waiting: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        load = client.load()
+        if (load.num_requests_running, load.num_requests_waiting) == (running, waiting):
+            return
+        assert time.monotonic() < deadline, load
+        time.sleep(0.02)
 
 
 def test_max_migrations_is_a_flag_and_may_be_zero() -> None:

@@ -188,6 +188,42 @@ def test_health_checks_alone_eject_a_frozen_worker_and_readmit_it(
         gateway.wait_healthy(2)  # the shared gateway saw the freeze too; it has the worker back
 
 
+def test_an_ejection_for_silence_evicts_the_frozen_worker_s_stream_and_it_migrates(
+    workers: list[WorkerProcess], slow_worker: WorkerProcess, model_name: str
+) -> None:
+    """Health checks of 0.2 s find the frozen worker before keepalive does (2 s + 2 s): the ejection itself cancels
+    its call that has received nothing for a health timeout, and the stream goes on from the other worker."""
+    survivor = workers[0]
+    gw = GatewayServer(gateway_config([slow_worker.target, survivor.target], **FAST_HEALTH)).start()
+    try:
+        gw.wait_healthy(2)
+        client = gw.client()
+        body = dict(model=model_name, prompt=PROMPT, max_tokens=60, temperature=0, extra_body={"ignore_eos": True})
+        whole = client.completions.create(**body).choices[0].text  # type: ignore[call-overload]
+        make_next_pick(gw, slow_worker.target, model_name)
+        stream = Reader(lambda: client.completions.create(stream=True, **body))  # type: ignore[call-overload]
+        wait_for(lambda: len(stream.items) >= 3, 30, "the stream's first chunks")
+        assert gw.app.state.router.workers[slow_worker.target].in_flight == 1
+        assert slow_worker.proc is not None
+        slow_worker.proc.send_signal(signal.SIGSTOP)
+        try:
+            frozen_at = time.monotonic()
+            wait_for(lambda: gw.app.state.router.workers[slow_worker.target].in_flight == 0, 10, "the eviction")
+            released_s = time.monotonic() - frozen_at
+            chunks = stream.finish()  # while the worker is still frozen
+        finally:
+            slow_worker.proc.send_signal(signal.SIGCONT)
+        assert released_s < 2.0  # before keepalive could have: the ejection did it
+        reasons = ejections(gw, slow_worker.target)
+        assert len(reasons) == 1 and next(iter(reasons)).startswith("health_"), reasons
+        assert sample(gw, "sfllm_gateway:worker_calls_evicted_total", worker=slow_worker.target) == 1
+        assert retries(gw).get("migrated") == 1
+        assert "".join(c.choices[0].text for c in chunks) == whole  # one stream, token for token
+        wait_for(lambda: healthy(gw, slow_worker.target), 30, "the thawed worker's re-admission")
+    finally:
+        gw.stop()
+
+
 def test_a_draining_worker_reports_not_serving_and_is_taken_out_of_routing(
     workers: list[WorkerProcess], spawn: Callable[..., WorkerProcess], model_name: str
 ) -> None:

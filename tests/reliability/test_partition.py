@@ -234,14 +234,18 @@ def _silent_worker_round(
     }
 
 
-def _check_round(name: str, result: dict, silent: WorkerProcess, other: WorkerProcess, release_bound_s: float) -> None:
+def _check_round(
+    name: str, result: dict, silent: WorkerProcess, other: WorkerProcess, bound_s: tuple[float, float]
+) -> None:
     """The guarantees of a silent worker's round: ejected in time and routed around, its streams moved off it in
-    time and each completed, token for token the stream it would have been, before the worker answered again."""
+    time and each completed, token for token the stream it would have been, before the worker answered again.
+    `bound_s`: the bounds of its ejection and of its streams' release."""
+    ejection_bound_s, release_bound_s = bound_s
     outcomes = result["outcomes"]
     lost_tokens = sum(STREAM_TOKENS - o.tokens for o in outcomes) + sum(not e for e in result["equal_to_uninterrupted"])
     print(
         f"\n{name}: ejected after {result['ejected']:.2f} s ({', '.join(sorted(result['reasons']))}; "
-        f"bound {EJECTION_BOUND_S:.1f} s), requests meanwhile {result['routed_while_silent'][other.target]:.0f} to "
+        f"bound {ejection_bound_s:.1f} s), requests meanwhile {result['routed_while_silent'][other.target]:.0f} to "
         f"the other worker and {result['routed_while_silent'][silent.target]:.0f} to it; streams: "
         f"{result['streams_on_silent']} on it when it fell silent, moved off it after {result['released']:.2f} s "
         f"(bound {release_bound_s:.1f} s; calls evicted {result['evicted']:.0f}, connections lost "
@@ -252,7 +256,7 @@ def _check_round(name: str, result: dict, silent: WorkerProcess, other: WorkerPr
         f"{result['readmitted_s']:.2f} s after it answered again (silent {result['silent_for_s']:.1f} s)"
     )
     assert result["streams_on_silent"] > 0  # the silence caught streams mid-way
-    assert result["ejected"] < EJECTION_BOUND_S
+    assert result["ejected"] < ejection_bound_s
     assert result["reasons"] and result["reasons"] <= SILENCE_REASONS, result["reasons"]
     assert result["routed_while_silent"] == {silent.target: 0, other.target: 4}
     assert result["routed_after"] == {silent.target: 2, other.target: 2}  # back in round robin's turn
@@ -282,7 +286,7 @@ def test_a_partitioned_worker_is_ejected_then_readmitted_once_it_heals(
         try:
             gw.wait_healthy(2)
             result = _silent_worker_round(gw, cut_off, other, model_name, namespace.partition, namespace.heal)
-            _check_round("network partition", result, cut_off, other, RELEASE_BOUND_S)
+            _check_round("network partition", result, cut_off, other, (EJECTION_BOUND_S, RELEASE_BOUND_S))
             assert metric_sum(gw, "sfllm_gateway:worker_ejections_total", worker=other.target) == 0
         finally:
             gw.stop()
@@ -290,29 +294,18 @@ def test_a_partitioned_worker_is_ejected_then_readmitted_once_it_heals(
         cut_off.stop()
 
 
-def test_a_frozen_worker_is_ejected_then_readmitted_once_it_thaws(
+def test_a_frozen_worker_is_found_by_keepalive_alone_then_readmitted_once_it_thaws(
     workers: list[WorkerProcess], model_name: str
 ) -> None:
-    """As the partition test, everywhere."""
-    frozen, other = workers
-    gw = GatewayServer(gateway_config([frozen.target, other.target], **FAST_HEALTH)).start()
-    try:
-        gw.wait_healthy(2)
-        result = _silent_worker_round(gw, frozen, other, model_name, *_freezer(frozen))
-        _check_round("SIGSTOP (a frozen worker)", result, frozen, other, RELEASE_BOUND_S)
-    finally:
-        gw.stop()
-
-
-def test_keepalive_alone_moves_the_streams_off_a_frozen_worker(workers: list[WorkerProcess], model_name: str) -> None:
-    """With no health check due, the channel's keepalive pings find the frozen worker: its connection is closed, its
-    calls fail, and its streams go on from the other worker within the keepalive bound."""
+    """As the partition test, everywhere, with no health check due: the channel's keepalive pings find the frozen
+    worker, its connection is closed, its calls fail, and its streams go on from the other worker within the
+    keepalive bound. (A health check's ejection evicts them just as well: tests/gateway/test_resilience.py.)"""
     frozen, other = workers
     gw = GatewayServer(gateway_config([frozen.target, other.target], **NO_HEALTH_CHECKS)).start()
     try:
         gw.wait_healthy(2)
         result = _silent_worker_round(gw, frozen, other, model_name, *_freezer(frozen))
-        _check_round("SIGSTOP, keepalive alone (no health check due)", result, frozen, other, KEEPALIVE_BOUND_S)
+        _check_round("SIGSTOP (a frozen worker), keepalive alone", result, frozen, other, (KEEPALIVE_BOUND_S,) * 2)
         assert result["connections_lost"] >= 1  # keepalive closed the connection; no health check failed
         assert not any(r.startswith("health_") for r in result["reasons"]), result["reasons"]
     finally:
