@@ -373,9 +373,11 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     try:
         # Untimed, as the engine's own warm-up above: the timed runs' prompts with short outputs, since the
         # worker's kernels load for new shapes on first use (from Triton's cache, where the engine left them).
+        # Both paths: a gateway process's first requests open its connections and warm its code.
         for key in args.workloads:
             if key != "1":
-                run_served(stack, "direct", {**WORKLOADS[key], "output": "32"}, args.client_processes)
+                for path in ("direct", "gateway"):
+                    run_served(stack, path, {**WORKLOADS[key], "output": "32"}, args.client_processes)
         for key in args.workloads:
             for path in ("direct", "gateway"):
                 if key == "1":  # warm the path's connections and first-call costs before timing one at a time

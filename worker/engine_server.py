@@ -41,6 +41,7 @@ from worker.messages import (
 log = logging.getLogger("sfllm.engine")
 
 SLOW_STEP_LOG_S = 0.5  # steps longer than this are logged (a full 8k-token prefill on an H200 takes ~0.1 s)
+IDLE_SPIN_S = 0.5  # see _loop
 LOAD_REPORT_INTERVAL_S = 0.02  # while busy, load reports go out at most this often (and always on idling)
 
 
@@ -120,12 +121,19 @@ class EngineServer:
         # --debug-step-trace: (start, step s, send s, outputs, running) per step, and (time, -1, 0, 0, 0)
         # per request arrival, written out at exit.
         trace = self._trace = [] if self.config.debug_step_trace else None
+        # On a GPU the loop spins for a while after its last work before it blocks: a request that
+        # arrives then finds the process on a core and running, not waking from a sleep.
+        spin_s = IDLE_SPIN_S if engine.device.type == "cuda" else 0.0  # a CPU host has no core to spare
+        last_work = 0.0
         while True:
-            # Block only while idle, and then for at most a second: a dead parent must be noticed.
-            if not engine.has_work() and not self.inbox.poll(1000):
-                if os.getppid() != self.parent_pid:
-                    return
-                continue
+            if not engine.has_work():
+                spinning = time.monotonic() - last_work < spin_s
+                # Block only while idle, and then for at most a second: a dead parent must be noticed.
+                if not self.inbox.poll(0 if spinning else 1000):
+                    if not spinning and os.getppid() != self.parent_pid:
+                        return
+                    continue
+            last_work = time.monotonic()
             if not self._read_inbox():
                 self._aborting = True
                 self._send_outputs(engine.abort_all())
