@@ -48,11 +48,14 @@ class _TextFormatHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         body = generate_latest(self.registry)
-        self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the scraper gave up (its timeout): nothing to report
+            pass
 
     def log_message(self, format: str, *args: object) -> None:  # one line per scrape is noise
         pass

@@ -86,8 +86,11 @@ def test_load_gauges_follow_running_requests(make_worker):
         assert _value(idle, "sfllm:num_requests_running") == 0 and _value(idle, "sfllm:kv_cache_usage_perc") == 0
         stream = client.stream(PROMPT, max_tokens=400, temperature=0, ignore_eos=True, request_id="gauged")
         next(stream)
-        busy = scrape(worker)
-        assert _value(busy, "sfllm:num_requests_running") == 1
+        # The engine's load report can reach the front a moment after the first token does.
+        deadline = time.monotonic() + 10
+        while _value(busy := scrape(worker), "sfllm:num_requests_running") != 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         assert _value(busy, "sfllm:kv_cache_usage_perc") > 0
         stream.close()  # cancel: counted as an abort
         deadline = time.monotonic() + 10
