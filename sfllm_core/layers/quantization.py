@@ -10,6 +10,7 @@ dense weight would be, so `linear.weight(x)` is x @ W^T whatever the storage. Fo
   with a scale and a zero point each, activations in bfloat16.
 - Int8ChannelWeight: torch's CPU int8 kernel (`_weight_int8pack_mm`), one scale per output row.
 - RowSwitchWeight: decode-sized inputs through one format, larger ones through another.
+- TopRefinedWeight: an output projection (logits) whose largest outputs are redone exactly.
 
 A new format (FP8 on Hopper, say) subclasses QuantizedWeight: forward, dequantize, concat and the
 to_tensors / from_tensors pair that lets a loader cache it.
@@ -322,6 +323,46 @@ class RowSwitchWeight(QuantizedWeight):
             return QuantizedWeight.from_tensors(meta[prefix[:-1]], found)
 
         return cls(part("decode."), part("prefill."), max_rows=meta["max_rows"])
+
+
+class TopRefinedWeight(QuantizedWeight):
+    """An output projection whose `top` largest outputs per row are recomputed from the exact weight rows.
+
+    The CPU kernels return bfloat16, whose rounding is 0.06-0.125 at the logits' magnitude (16-32):
+    enough to flip near ties of greedy decoding and to blur logprobs. Sampling and logprobs read the
+    top of the distribution, so those entries are redone in float32 from the exact rows (64 rows:
+    a small fraction of a millisecond); the tail keeps the kernel's values.
+    """
+
+    kind = "top_refined"
+
+    def __init__(self, inner: QuantizedWeight, *, top: int = 64) -> None:
+        super().__init__(*inner.shape)
+        self.inner, self.top = inner, min(top, inner.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.inner(x)
+        if x.dim() != 2 or x.shape[0] == 0:
+            return y
+        index = y.topk(self.top, dim=-1, sorted=False).indices  # [B, top]
+        rows = self.inner.rows(index, torch.float32)  # [B, top, K]
+        exact = torch.bmm(rows, x.float()[:, :, None])[:, :, 0]
+        return y.scatter(1, index, exact.to(y.dtype))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.inner.dequantize(dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.inner.rows(ids, dtype)
+
+    def to_tensors(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        meta, tensors = self.inner.to_tensors()
+        return {"kind": self.kind, "top": self.top, "inner": meta}, {f"inner.{k}": v for k, v in tensors.items()}
+
+    @classmethod
+    def _from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "TopRefinedWeight":
+        inner = {k.removeprefix("inner."): v for k, v in tensors.items()}
+        return cls(QuantizedWeight.from_tensors(meta["inner"], inner), top=meta["top"])
 
 
 class QuantizedEmbedding(nn.Module):

@@ -31,6 +31,7 @@ from sfllm_core.layers.quantization import (
     Int8ChannelWeight,
     QuantizedWeight,
     RowSwitchWeight,
+    TopRefinedWeight,
 )
 
 QK_K = 256
@@ -140,9 +141,14 @@ def grouped_ints(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Gr
     return GroupedIntWeight(q, scale, offset)
 
 
-def served_weight(exact: GroupedIntWeight) -> QuantizedWeight:
-    """The format a linear layer holds: decode-sized batches through a torch kernel, prefill exact."""
-    return RowSwitchWeight(decode_weight(exact), exact, max_rows=CPU_QUANTIZED_MAX_ROWS)
+def served_weight(exact: GroupedIntWeight, logits: bool = False) -> QuantizedWeight:
+    """The format a linear layer holds: decode-sized batches through a torch kernel, prefill exact.
+
+    logits: the weight projects to logits (the output projection, or the embedding tied to it), whose
+    top entries are then recomputed exactly (TopRefinedWeight).
+    """
+    served = RowSwitchWeight(decode_weight(exact), exact, max_rows=CPU_QUANTIZED_MAX_ROWS)
+    return TopRefinedWeight(served) if logits else served
 
 
 def decode_weight(exact: GroupedIntWeight) -> QuantizedWeight:

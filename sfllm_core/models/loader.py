@@ -75,7 +75,7 @@ QUANTIZATIONS = ("auto", "none", "gguf")
 # In a folder of its own: the cache folder's *.safetensors are its dense checkpoint.
 _QUANTIZED_FILE = Path("quantized") / "weights.safetensors"
 # Bumped when the layout of that file changes, so that older caches are rebuilt.
-_QUANTIZED_CACHE_VERSION = "1"
+_QUANTIZED_CACHE_VERSION = "2"
 
 # Multimodal Gemma 3 checkpoints nest the text model; older ones the other way round.
 _TEXT_PREFIXES = (
@@ -502,7 +502,9 @@ class _GgufCheckpoint:
             # Gemma3's and Qwen3's tensor processors change only norm weights, never a 2-D matrix.
             if len(tensor.shape) == 2 and can_decode(kind) and tensor.name in self.names:
                 shape = tuple(reversed(tensor.shape.tolist()))
-                quantized.append((self.names[tensor.name], served_weight(grouped_ints(tensor.data, kind, shape))))
+                name = self.names[tensor.name]
+                logits = name in ("lm_head.weight", "model.embed_tokens.weight")
+                quantized.append((name, served_weight(grouped_ints(tensor.data, kind, shape), logits)))
                 continue
             result = self.processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name)
             if result.name not in self.names:

@@ -13,6 +13,7 @@ from sfllm_core.layers.quantization import (
     QuantizedEmbedding,
     QuantizedWeight,
     RowSwitchWeight,
+    TopRefinedWeight,
     concat_weights,
 )
 
@@ -88,10 +89,24 @@ def test_row_switch_sends_decode_batches_to_the_kernel_and_prefill_to_the_exact_
     assert torch.equal(switch.rows(torch.tensor([3])), exact.dequantize()[3:4])
 
 
+def test_top_refined_logits_are_exact_at_the_top_and_the_kernel_elsewhere():
+    exact = grouped(512, 64, 32, -127, 127, offset=False, seed=6)
+    kernel = Int8ChannelWeight.from_dense(exact.dequantize())
+    refined = TopRefinedWeight(RowSwitchWeight(kernel, exact, max_rows=4), top=8)
+    x = torch.randn(3, 64) * 3
+    got, fast, truth = refined(x), kernel(x), x.double() @ exact.dequantize().double().t()
+    top = fast.topk(8, dim=-1).indices
+    torch.testing.assert_close(got.gather(1, top).double(), truth.gather(1, top), rtol=1e-5, atol=1e-5)
+    rest = torch.ones_like(got, dtype=torch.bool).scatter(1, top, False)
+    assert torch.equal(got[rest], fast[rest])
+    assert torch.equal(refined.rows(torch.tensor([4])), exact.dequantize()[4:5])
+
+
 def formats() -> list[QuantizedWeight]:
     exact = grouped(32, 64, 32, 0, 15, offset=True, seed=3)
     int4 = Int4PackedWeight.from_ints(exact.q.to(torch.uint8), exact.scale, exact.offset)
-    return [exact, int4, Int8ChannelWeight.from_dense(exact.dequantize()), RowSwitchWeight(int4, exact, max_rows=2)]
+    switch = RowSwitchWeight(int4, exact, max_rows=2)
+    return [exact, int4, Int8ChannelWeight.from_dense(exact.dequantize()), switch, TopRefinedWeight(switch, top=4)]
 
 
 @pytest.mark.parametrize("weight", formats(), ids=lambda w: w.kind)
@@ -103,7 +118,7 @@ def test_formats_round_trip_through_their_tensors(weight):
     assert torch.equal(rebuilt(x), weight(x))
 
 
-@pytest.mark.parametrize("weight", formats(), ids=lambda w: w.kind)
+@pytest.mark.parametrize("weight", formats()[:4], ids=lambda w: w.kind)  # logits are never merged
 def test_concatenated_weights_compute_their_parts_side_by_side(weight):
     other = type(weight).from_tensors(*weight.to_tensors())
     merged = concat_weights([weight, other, weight])

@@ -18,6 +18,7 @@ from sfllm_core.layers.quantization import (
     QuantizedEmbedding,
     QuantizedWeight,
     RowSwitchWeight,
+    TopRefinedWeight,
 )
 from sfllm_core.models import loader
 from sfllm_core.models.gguf import decode_weight, grouped_ints
@@ -130,6 +131,9 @@ def test_quantized_weights_come_first_then_the_dense_rest_and_later_from_the_cac
     dense = dict((n, t) for n, t, _ in loader.load_weights(tiny_q8_gguf, torch.float32, str(tmp_path / "d")))
     for name, value, source in first:
         assert source == tiny_q8_gguf
+        if name == "model.embed_tokens.weight":  # tied: also the logits' projection, its top redone exactly
+            assert isinstance(value, TopRefinedWeight)
+            value = value.inner
         assert isinstance(value, RowSwitchWeight) == name.endswith(("proj.weight", "embed_tokens.weight"))
         exact = value.prefill if isinstance(value, RowSwitchWeight) else value
         assert torch.equal(exact if not isinstance(exact, GroupedIntWeight) else exact.dequantize(), dense[name])
