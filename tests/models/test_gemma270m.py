@@ -18,7 +18,8 @@ PROMPTS = [
 
 @pytest.mark.slow
 def test_greedy_32_tokens_equal_transformers(gemma270m_path):
-    engine = InferenceEngine(model_path=gemma270m_path, dtype="float32")
+    # The float32 dequantized path (the CPU default serves the GGUF's quantized blocks: tests/models/test_gguf.py).
+    engine = InferenceEngine(model_path=gemma270m_path, dtype="float32", quantization="none")
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     ours = engine.generate(PROMPTS, params)  # batched together, as a server would run them
 
