@@ -21,7 +21,7 @@ from sfllm_core.engine.memory_pool import MemoryPool
 from sfllm_core.engine.model_runner import ModelRunner
 from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence, SequenceStatus
 from sfllm_core.engine.scheduler import ScheduledBatch, Scheduler, window_pages_per_seq
-from sfllm_core.engine.speculative import accepted_length, make_proposer, sample_rows
+from sfllm_core.engine.speculative import DraftProposer, accepted_length, sample_rows
 from sfllm_core.errors import InvalidRequestError, QueueFullError
 from sfllm_core.layers.attention import AttentionBackend, TorchPagedAttention
 from sfllm_core.layers.linear import install_quantized_weights
@@ -96,9 +96,7 @@ class InferenceEngine:
             self.model, self.pool, self._build_backend(), self.device, self.max_context_length, graph_batch
         )
         self.sampler = Sampler(config.seed)
-        self.proposer = make_proposer(
-            config.speculative_algorithm, config.num_speculative_tokens, config.ngram_max, config.ngram_min
-        )
+        self.proposer = self._build_proposer()
         if self.proposer is not None and self.runner.graphs is not None:
             # Eager verify steps launch every kernel from the host: at batch 1 that costs what the drafts save.
             self.runner.enable_verify_graphs(
@@ -206,6 +204,17 @@ class InferenceEngine:
             num_window_pages=min(num_pages, window_cap),
             max_pages_per_seq=pages_per_seq,
         )
+
+    def _build_proposer(self) -> DraftProposer | None:
+        """The configured draft proposer, or None when speculation is off."""
+        config = self.config
+        if config.speculative_algorithm is None:
+            return None
+        if config.speculative_algorithm == "ngram":
+            from sfllm_core.engine.ngram import NgramProposer
+
+            return NgramProposer(config.num_speculative_tokens, config.ngram_max, config.ngram_min)
+        raise ValueError(f"unknown speculative algorithm {config.speculative_algorithm!r}")
 
     def _build_backend(self) -> AttentionBackend:
         choice = self.config.attention_backend

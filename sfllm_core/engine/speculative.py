@@ -145,14 +145,3 @@ class DraftProposer(ABC):
     def mean_acceptance_length(self) -> float:
         """Tokens a verify step yields per sequence on average (accepted drafts plus the one sampled)."""
         return 1 + self.num_accepted_tokens / self.num_proposals if self.num_proposals else 0.0
-
-
-def make_proposer(algorithm: str | None, num_speculative_tokens: int, ngram_max: int, ngram_min: int):
-    """The configured proposer, or None when speculation is off."""
-    if algorithm is None:
-        return None
-    if algorithm == "ngram":
-        from sfllm_core.engine.ngram import NgramProposer
-
-        return NgramProposer(num_speculative_tokens, ngram_max, ngram_min)
-    raise ValueError(f"unknown speculative algorithm {algorithm!r}")
