@@ -56,6 +56,9 @@ class EngineLoad:
     kv_pages_total: int
     prefix_cache_hit_rate: float = 0.0
     num_preemptions: int = 0
+    # Speculative decoding, since start: draft tokens proposed and verified, and of those accepted.
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
 
     @property
     def kv_cache_usage(self) -> float:

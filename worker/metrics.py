@@ -5,7 +5,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sfllm_core.outputs import EngineLoad
@@ -35,6 +35,18 @@ class _LoadCollector(Collector):
             family = GaugeMetricFamily(name, doc, labels=["model_name"])
             family.add_metric([self.model_name], value)
             yield family
+        counters = (  # the engine counts these itself; vLLM's names (spec_decode_*_total)
+            ("sfllm:spec_decode_num_draft_tokens", "Number of draft tokens verified.", load.num_draft_tokens),
+            (
+                "sfllm:spec_decode_num_accepted_tokens",
+                "Number of accepted draft tokens.",
+                load.num_accepted_draft_tokens,
+            ),
+        )
+        for name, doc, value in counters:
+            counter = CounterMetricFamily(name, doc, labels=["model_name"])
+            counter.add_metric([self.model_name], value)
+            yield counter
 
 
 class _TextFormatHandler(BaseHTTPRequestHandler):

@@ -374,6 +374,7 @@ class InferenceEngine:
         return self.limits.kv_capacity_tokens
 
     def get_load(self) -> EngineLoad:
+        proposer = self.proposer
         return EngineLoad(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting)
@@ -383,6 +384,8 @@ class InferenceEngine:
             kv_pages_total=self.pool.num_pages,
             prefix_cache_hit_rate=self.pool.prefix_hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
+            num_draft_tokens=proposer.num_draft_tokens if proposer is not None else 0,
+            num_accepted_draft_tokens=proposer.num_accepted_tokens if proposer is not None else 0,
         )
 
     # ---- the step -----------------------------------------------------------------------------

@@ -100,3 +100,21 @@ def test_load_gauges_follow_running_requests(make_worker):
         done = scrape(worker)
         assert _value(done, "sfllm:kv_cache_usage_perc") == 0
         assert _value(done, "sfllm:request_success_total", finished_reason="abort") == 1
+
+
+def test_speculative_decoding_counters_count_drafts_and_accepted_tokens(make_worker):
+    worker = make_worker(speculative_algorithm="ngram", num_speculative_tokens=4, ngram_max=3, ngram_min=1)
+    before = scrape(worker)
+    assert _value(before, "sfllm:spec_decode_num_draft_tokens_total") == 0
+    prompt = [299, 96, 353, 177, 67, 24, 268, 79, 271]
+    with WorkerClient(worker.target, timeout=60) as client:  # greedy random weights fall into loops: drafts land
+        client.generate(token_ids=prompt, max_tokens=200, temperature=0, ignore_eos=True)
+    deadline = time.monotonic() + 10  # the counters ride the engine's load reports, which follow the stream
+    while True:
+        after = scrape(worker)
+        drafted = _value(after, "sfllm:spec_decode_num_draft_tokens_total")
+        accepted = _value(after, "sfllm:spec_decode_num_accepted_tokens_total")
+        if accepted > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert 0 < accepted <= drafted, (accepted, drafted)
