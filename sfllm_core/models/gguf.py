@@ -18,7 +18,8 @@ sub-block.) `grouped_ints` decodes them into a GroupedIntWeight, bit-identical t
 package's dequantization. `served_weight` picks the kernel that serves decode-sized batches:
 4-bit types go to torch's int4 kernel as they are (scale and zero point per group of 32); the
 others to its int8 kernel with one scale per row, re-quantized from the exact weights, since the
-kernel has no groups.
+kernel has no groups. The logits' projection is the exception: its decode pass only ranks the
+vocabulary for TopRefinedWeight, so wider blocks are re-quantized to 4 bits for the int4 kernel.
 """
 
 import numpy as np
@@ -35,6 +36,10 @@ from sfllm_core.layers.quantization import (
 )
 
 QK_K = 256
+# The logits' ranking pass (logits_ranking_weight): int4 groups, and how many of its largest outputs
+# per row TopRefinedWeight recomputes exactly.
+LOGITS_GROUP = 32
+LOGITS_TOP = 256
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -147,8 +152,24 @@ def served_weight(exact: GroupedIntWeight, logits: bool = False) -> QuantizedWei
     logits: the weight projects to logits (the output projection, or the embedding tied to it), whose
     top entries are then recomputed exactly (TopRefinedWeight).
     """
-    served = RowSwitchWeight(decode_weight(exact), exact, max_rows=CPU_QUANTIZED_MAX_ROWS)
-    return TopRefinedWeight(served) if logits else served
+    if not logits:
+        return RowSwitchWeight(decode_weight(exact), exact, max_rows=CPU_QUANTIZED_MAX_ROWS)
+    return TopRefinedWeight(
+        RowSwitchWeight(logits_ranking_weight(exact), exact, max_rows=CPU_QUANTIZED_MAX_ROWS), top=LOGITS_TOP
+    )
+
+
+def logits_ranking_weight(exact: GroupedIntWeight) -> QuantizedWeight:
+    """The logits' decode-time projection: only ranks rows for TopRefinedWeight, so it may be lossy.
+
+    4-bit blocks go to the int4 kernel as they are; wider ones (Gemma's tied Q8_0 embedding) are
+    re-quantized to 4 bits per group of 32 (~8% relative weight error) for the int4 kernel, which
+    reads half the bytes of the int8 one (7.6 against 15.3 ms for 262,144 x 640 at one row).
+    """
+    served = decode_weight(exact)
+    if isinstance(served, Int4PackedWeight) or exact.out_features % 16 or exact.in_features % LOGITS_GROUP:
+        return served
+    return Int4PackedWeight.from_dense(exact.dequantize(), group_size=LOGITS_GROUP)
 
 
 def decode_weight(exact: GroupedIntWeight) -> QuantizedWeight:

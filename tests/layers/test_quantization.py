@@ -65,6 +65,23 @@ def test_int4_packing_keeps_scales_and_zero_points(group, offset):
         assert close_to(got, bf16_input_reference(x, as_stored), 0.01)  # bfloat16 output rounding
 
 
+def test_int4_from_dense_is_exact_on_its_grid_and_within_half_a_step_otherwise():
+    g = torch.Generator().manual_seed(2)
+    # Each group of 32 spans 16 levels of a power-of-two step from -8 steps: min/max finds that grid.
+    step = 2.0 ** -torch.randint(4, 9, (64, 4, 1), generator=g).float()
+    levels = torch.randint(0, 16, (64, 4, 32), generator=g).float()
+    levels[..., 0], levels[..., 1] = 0, 15
+    on_grid = ((levels - 8) * step).view(64, 128)
+    assert torch.equal(Int4PackedWeight.from_dense(on_grid, group_size=32).dequantize(), on_grid)
+    w = torch.randn(64, 128, generator=g)
+    for group in (32, 64):
+        int4 = Int4PackedWeight.from_dense(w, group_size=group)
+        err = (int4.dequantize() - w).view(64, -1, group).abs().amax(-1)
+        step = int4.scales_and_zeros.float()[..., 0].t()
+        assert bool((err <= step * 0.5 + 1e-6).all())  # rounding to the nearest of 16 levels
+        assert 0.02 < float((int4.dequantize() - w).norm() / w.norm()) < 0.15
+
+
 def test_int8_per_row_is_exact_for_rows_on_its_grid_and_close_otherwise():
     g = torch.Generator().manual_seed(1)
     q = torch.randint(-127, 128, (64, 128), generator=g).float()

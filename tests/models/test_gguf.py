@@ -21,7 +21,7 @@ from sfllm_core.layers.quantization import (
     TopRefinedWeight,
 )
 from sfllm_core.models import loader
-from sfllm_core.models.gguf import decode_weight, grouped_ints
+from sfllm_core.models.gguf import LOGITS_TOP, decode_weight, grouped_ints, served_weight
 from sfllm_core.sampling_params import SamplingParams
 
 # Block layouts with a quantizer in the gguf package, and K types (no quantizer there) given as random bytes.
@@ -111,6 +111,28 @@ def test_real_embedding_rows_are_exact(gemma_reader):
     exact = grouped_ints(rows, "Q8_0", (512, 640))
     ids = torch.tensor([2, 511, 17])
     assert torch.equal(exact.rows(ids), reference(rows, "Q8_0", (512, 640))[ids])
+
+
+def test_real_logits_rank_through_int4_and_their_top_is_exact(gemma_reader):
+    """The tied Q8_0 embedding as the logits' projection: ranked by an int4 copy, its top redone exactly."""
+    tensor = gemma_reader["token_embd.weight"]
+    rows = 4096  # of 262144: enough rows for a ranking, the quantization is per group of a row
+    exact = grouped_ints(tensor.data[:rows], "Q8_0", (rows, 640))
+    served = served_weight(exact, logits=True)
+    assert isinstance(served, TopRefinedWeight) and served.top == LOGITS_TOP
+    ranking = served.inner.decode
+    assert isinstance(ranking, Int4PackedWeight) and ranking.group_size == 32
+    assert served.inner.prefill is exact
+    # Activations scaled like the final norm's output give logits of Gemma's magnitude.
+    x = torch.randn(4, 640, generator=torch.Generator().manual_seed(0)) * 4
+    truth = x.double() @ exact.dequantize().double().t()
+    got = served(x)
+    best = truth.topk(20, dim=-1).indices
+    # The true top 20 are all among the refined entries, which are exact; the rest are int4's.
+    torch.testing.assert_close(got.gather(1, best).double(), truth.gather(1, best), rtol=1e-5, atol=1e-4)
+    assert torch.equal(got.argmax(-1), truth.argmax(-1))
+    assert float((got.double() - truth).norm() / truth.norm()) < 0.12
+    assert torch.equal(served.rows(torch.tensor([7])), exact.dequantize()[7:8])
 
 
 # --- loading with quantization "gguf" ------------------------------------------------------------------
