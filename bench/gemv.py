@@ -5,13 +5,12 @@ down), for every layer of the model with its own random bf16 weights, so weights
 as they do in the engine; then the output projection. Each figure is the median replay of a CUDA
 graph holding the whole chain, per layer, beside the floor: weight bytes over the copy bandwidth
 measured in the same run. "separate" is the same chain without the fusions: the Triton norm and
-activation kernels around cuBLAS (F.linear). Each runs with PDL (SFLLM_PDL=1) and without.
+activation kernels around cuBLAS (F.linear). Each runs with PDL (kernels/pdl.py set_pdl) and without.
 Prints a table last. Usage: python3 bench/gemv.py [--json out.json]
 """
 
 import argparse
 import json
-import os
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +18,7 @@ import triton
 
 from sfllm_core.kernels.activation import silu_and_mul
 from sfllm_core.kernels.gemv import gemv, gemv_normed
+from sfllm_core.kernels.pdl import set_pdl
 from sfllm_core.kernels.rmsnorm import rmsnorm
 
 # hidden, q heads, kv heads, head dim, intermediate, layers, vocab
@@ -113,7 +113,7 @@ def main() -> None:
             fused, separate, head_ours, head_cublas, layer_bytes, layers, head_bytes = layer_chain(shape, rows)
             res = {"shape": name, "rows": rows}
             for pdl in ("1", "0"):
-                os.environ["SFLLM_PDL"] = pdl
+                set_pdl(pdl == "1")
                 res[f"fused_pdl{pdl}_us"] = graph_ms(fused) * 1e3 / layers
                 res[f"separate_pdl{pdl}_us"] = graph_ms(separate) * 1e3 / layers
                 res[f"head_ours_pdl{pdl}_us"] = graph_ms(head_ours) * 1e3
@@ -124,7 +124,7 @@ def main() -> None:
             rows_out.append(res)
             del fused, separate, head_ours, head_cublas
             torch.cuda.empty_cache()
-    os.environ["SFLLM_PDL"] = "1"
+    set_pdl(True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_bandwidth": bw, "rows": rows_out}, f, indent=1)

@@ -39,6 +39,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | triton
     cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256
+    # Programmatic dependent launch of the Triton kernels on Hopper and later (kernels/pdl.py).
+    pdl: bool = True
     seed: int = 0
     # Speculative decoding: None (off) or "ngram" (prompt lookup: drafts are the tokens that followed
     # the sequence's last ngram_max..ngram_min tokens where they occurred before).

@@ -35,6 +35,7 @@ class WorkerConfig:
     sliding_window_kv: bool = True
     attention_backend: str = "auto"
     cuda_graphs: bool = True
+    pdl: bool = True  # programmatic dependent launch on Hopper (SFLLM_PDL=0 turns it off)
     seed: int = 0
     speculative_algorithm: str | None = None  # "ngram": prompt-lookup drafts, verified in one step (off by default)
     num_speculative_tokens: int = 4
@@ -76,6 +77,7 @@ class WorkerConfig:
             sliding_window_kv=self.sliding_window_kv,
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
+            pdl=self.pdl,
             seed=self.seed,
             speculative_algorithm=self.speculative_algorithm,
             num_speculative_tokens=self.num_speculative_tokens,
@@ -104,7 +106,7 @@ class WorkerConfig:
 
 
 _INT_OR_NONE = ("max_context_length", "num_pages")
-_BOOLS = ("enable_prefix_caching", "sliding_window_kv", "cuda_graphs")
+_BOOLS = ("enable_prefix_caching", "sliding_window_kv", "cuda_graphs", "pdl")
 
 
 def _from_env(name: str, raw: str) -> object:
@@ -164,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--attention-backend", choices=["auto", "torch", "triton"])
     p.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False)
+    p.add_argument(
+        "--no-pdl", dest="pdl", action="store_const", const=False, help="no programmatic dependent launch (Hopper)"
+    )
     p.add_argument("--seed", type=int, help="engine seed for unseeded sampling")
     p.add_argument("--speculative-algorithm", choices=["ngram"], help="speculative decoding (default: off)")
     p.add_argument(

@@ -83,6 +83,7 @@ class InferenceEngine:
         self.tokenizer = load_tokenizer(path) if path is not None and config.load_tokenizer else None
         self.vocab_size = self.model_config.vocab_size
         self.eos_token_ids = set(default_eos_token_ids(self.model_config, self.tokenizer))
+        self.attention_backend = self._backend_choice()
         self.model = self._build_model(path)
 
         model_max = self.model_config.max_position_embeddings
@@ -137,7 +138,8 @@ class InferenceEngine:
         try:
             # A checkpoint overwrites every parameter: filling them at random first only costs time.
             with torch.device(self.device), uninitialized_parameters() if loading else contextlib.nullcontext():
-                model = cls(self.model_config)
+                # The Triton backend's models run their norms, activations and decode GEMVs as Triton kernels.
+                model = cls(self.model_config, use_triton=self.attention_backend == "triton")
         finally:
             torch.set_default_dtype(previous)
         if loading:
@@ -216,16 +218,20 @@ class InferenceEngine:
             return NgramProposer(config.num_speculative_tokens, config.ngram_max, config.ngram_min)
         raise ValueError(f"unknown speculative algorithm {config.speculative_algorithm!r}")
 
-    def _build_backend(self) -> AttentionBackend:
+    def _backend_choice(self) -> str:
+        """The attention backend by name ("triton" or "torch"): auto means Triton on CUDA."""
         choice = self.config.attention_backend
         if choice == "auto":
             choice = "triton" if self.device.type == "cuda" else "torch"
-        if choice == "triton":
+        return choice
+
+    def _build_backend(self) -> AttentionBackend:
+        if self.attention_backend == "triton":
+            from sfllm_core.kernels.pdl import set_pdl
             from sfllm_core.layers.triton_attention import TritonAttention
 
-            for module in self.model.modules():
-                if hasattr(module, "use_triton"):
-                    module.use_triton = True
+            set_pdl(self.config.pdl)  # before any kernel launches, so that graph capture sees it
+
             return TritonAttention(max_context_length=self.max_context_length)
         return TorchPagedAttention()
 

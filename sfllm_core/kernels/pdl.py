@@ -13,16 +13,22 @@ predecessor means waiting on everything before it. CUDA graph capture keeps thes
 programmatic edges. Kernels that are not ours (cuBLAS, PyTorch) launch normally and serialise.
 """
 
-import os
-
 import torch
 
 _enabled: dict[int, bool] = {}
+# Process-wide, as the kernels are: InferenceEngine sets it from EngineConfig.pdl before it captures graphs.
+_allowed = True
+
+
+def set_pdl(enabled: bool) -> None:
+    """Allow or forbid PDL launches from now on (graphs captured before keep what they were captured with)."""
+    global _allowed
+    _allowed = enabled
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """Whether kernels on this device launch with PDL: CUDA, compute capability 9.0+, not SFLLM_PDL=0."""
-    if device.type != "cuda" or os.environ.get("SFLLM_PDL", "1") == "0":
+    """Whether kernels on this device launch with PDL: CUDA, compute capability 9.0+, and not set_pdl(False)."""
+    if device.type != "cuda" or not _allowed:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _enabled:

@@ -10,9 +10,9 @@ class GatedActivation(nn.Module):
 
     kind = ""
 
-    def __init__(self) -> None:
+    def __init__(self, *, use_triton: bool = False) -> None:
         super().__init__()
-        self.use_triton = False  # InferenceEngine turns this on for the Triton backend
+        self.use_triton = use_triton  # CUDA inputs go through kernels/activation.py
 
     def _act(self, gate: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

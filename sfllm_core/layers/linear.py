@@ -33,9 +33,9 @@ class Linear(nn.Linear):
     Built by `from_weight`, its weight is a QuantizedWeight instead, which computes x @ W^T itself.
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, use_triton: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.use_triton = False  # InferenceEngine turns this on for the Triton backend
+        self.use_triton = use_triton  # decode-sized CUDA inputs go through kernels/gemv.py
 
     @classmethod
     def from_weight(cls, weight: QuantizedWeight, bias: torch.Tensor | None = None) -> "Linear":
@@ -108,7 +108,7 @@ class Linear(nn.Linear):
 
 
 @torch.no_grad()
-def merge_linears(*parts: nn.Linear) -> Linear:
+def merge_linears(*parts: nn.Linear, use_triton: bool = False) -> Linear:
     """One Linear whose output is the parts' outputs concatenated in order; the parts are left as they are."""
     has_bias = parts[0].bias is not None
     assert all((p.bias is not None) == has_bias for p in parts)
@@ -117,7 +117,7 @@ def merge_linears(*parts: nn.Linear) -> Linear:
         return Linear.from_weight(concat_weights([p.weight for p in parts]), bias)
     weight = torch.cat([p.weight for p in parts])
     # Built on the meta device so no throwaway weights are allocated and initialised.
-    merged = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
+    merged = Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta", use_triton=use_triton)
     merged.weight = nn.Parameter(weight, requires_grad=False)
     if has_bias:
         merged.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)

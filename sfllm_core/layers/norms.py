@@ -13,11 +13,11 @@ class RMSNorm(nn.Module):
 
     gemma = False
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, *, use_triton: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.use_triton = False  # InferenceEngine turns this on for the Triton backend
+        self.use_triton = use_triton  # CUDA inputs go through kernels/rmsnorm.py
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -57,8 +57,8 @@ class GemmaRMSNorm(RMSNorm):
 
     gemma = True
 
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__(dim, eps)
+    def __init__(self, dim: int, eps: float, *, use_triton: bool = False) -> None:
+        super().__init__(dim, eps, use_triton=use_triton)
         nn.init.zeros_(self.weight)
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:

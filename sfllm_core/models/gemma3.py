@@ -4,77 +4,34 @@ import torch
 from torch import nn
 
 from sfllm_core.layers.activation import GeluTanhAndMul
-from sfllm_core.layers.linear import Linear, merge_linears, project
+from sfllm_core.layers.linear import project
 from sfllm_core.layers.norms import GemmaRMSNorm
 from sfllm_core.layers.rotary import RotaryEmbedding
+from sfllm_core.models.blocks import Attention, GatedMLP
 from sfllm_core.models.common import ForwardContext, rope_settings, sliding_windows
 
 
-class Gemma3Attention(nn.Module):
-    def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, sliding_window: int | None) -> None:
-        super().__init__()
-        self.layer_id = layer_id
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        bias = getattr(config, "attention_bias", False)
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.q_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = GemmaRMSNorm(self.head_dim, config.rms_norm_eps)
-        self.rotary = rotary
-        self.sliding_window = sliding_window
-        # Gemma scales queries by query_pre_attn_scalar, not head_dim.
-        self.scale = config.query_pre_attn_scalar**-0.5
-
-    def fuse_projections(self) -> None:
-        self.qkv_proj = merge_linears(self.q_proj, self.k_proj, self.v_proj)
-        del self.q_proj, self.k_proj, self.v_proj
-
-    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Attention from the fused q|k|v projection (the layer runs qkv_proj, its norm fused in)."""
-        n = qkv.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        k_cache, v_cache = ctx.kv_caches[self.layer_id]
-        backend, meta = ctx.backend, ctx.meta_for(self.sliding_window)
-        q = backend.rotate_and_store(positions, q, k, v, self.q_norm, self.k_norm, self.rotary, k_cache, v_cache, meta)
-        o = backend.attend(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
-
-
-class Gemma3MLP(nn.Module):
-    def __init__(self, config) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act = GeluTanhAndMul()
-
-    def fuse_projections(self) -> None:
-        self.gate_up_proj = merge_linears(self.gate_proj, self.up_proj)
-        del self.gate_proj, self.up_proj
-
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The MLP from the fused gate|up projection (the layer runs gate_up_proj, its norm fused in)."""
-        return self.down_proj.forward_gated(gate_up, self.act)
-
-
 class Gemma3DecoderLayer(nn.Module):
-    def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, sliding_window: int | None) -> None:
+    def __init__(
+        self, config, layer_id: int, rotary: RotaryEmbedding, sliding_window: int | None, use_triton: bool = False
+    ) -> None:
         super().__init__()
-        self.self_attn = Gemma3Attention(config, layer_id, rotary, sliding_window)
-        self.mlp = Gemma3MLP(config)
-        eps = config.rms_norm_eps
-        self.input_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
-        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, eps)
+        # Gemma scales queries by query_pre_attn_scalar, not head_dim.
+        self.self_attn = Attention(
+            config,
+            layer_id,
+            rotary,
+            sliding_window,
+            norm=GemmaRMSNorm,
+            scale=config.query_pre_attn_scalar**-0.5,
+            use_triton=use_triton,
+        )
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, act=GeluTanhAndMul, use_triton=use_triton)
+        eps, dim = config.rms_norm_eps, config.hidden_size
+        self.input_layernorm = GemmaRMSNorm(dim, eps, use_triton=use_triton)
+        self.post_attention_layernorm = GemmaRMSNorm(dim, eps, use_triton=use_triton)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(dim, eps, use_triton=use_triton)
+        self.post_feedforward_layernorm = GemmaRMSNorm(dim, eps, use_triton=use_triton)
 
     def forward(
         self,
@@ -99,7 +56,7 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3TextModel(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, use_triton: bool = False) -> None:
         super().__init__()
         windows = sliding_windows(config)
         local_base, local_factor = rope_settings(config, "sliding_attention")
@@ -111,11 +68,11 @@ class Gemma3TextModel(nn.Module):
         self.embed_scale = config.hidden_size**0.5
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(
-                config, i, self.rotary_local if windows[i] is not None else self.rotary_global, windows[i]
+                config, i, self.rotary_local if windows[i] is not None else self.rotary_global, windows[i], use_triton
             )
             for i in range(config.num_hidden_layers)
         )
-        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps, use_triton=use_triton)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
@@ -132,12 +89,13 @@ class Gemma3ForCausalLM(nn.Module):
     """Token ids in, final hidden states out; `compute_logits` projects (and soft-caps) sampled rows.
 
     Weights load under the checkpoint's names; `fuse_projections` must then run before `forward`.
+    use_triton: the small layers run Triton kernels on CUDA (the engine's Triton backend).
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, *, use_triton: bool = False) -> None:
         super().__init__()
         self.config = config
-        self.model = Gemma3TextModel(config)
+        self.model = Gemma3TextModel(config, use_triton)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -4,73 +4,31 @@ import torch
 from torch import nn
 
 from sfllm_core.layers.activation import SiluAndMul
-from sfllm_core.layers.linear import Linear, merge_linears, project
+from sfllm_core.layers.linear import project
 from sfllm_core.layers.norms import RMSNorm
 from sfllm_core.layers.rotary import RotaryEmbedding
+from sfllm_core.models.blocks import Attention, GatedMLP, head_dim_of
 from sfllm_core.models.common import ForwardContext, rope_settings, sliding_windows
 
 
-class Qwen3Attention(nn.Module):
-    def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, sliding_window: int | None) -> None:
-        super().__init__()
-        self.layer_id = layer_id
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
-        bias = getattr(config, "attention_bias", False)
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.rotary = rotary
-        self.sliding_window = sliding_window
-        self.scale = self.head_dim**-0.5
-
-    def fuse_projections(self) -> None:
-        self.qkv_proj = merge_linears(self.q_proj, self.k_proj, self.v_proj)
-        del self.q_proj, self.k_proj, self.v_proj
-
-    def forward(self, positions: torch.Tensor, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """Attention from the fused q|k|v projection (the layer runs qkv_proj, its norm fused in)."""
-        n = qkv.shape[0]
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(n, self.num_heads, self.head_dim)
-        k = k.view(n, self.num_kv_heads, self.head_dim)
-        v = v.view(n, self.num_kv_heads, self.head_dim)
-        k_cache, v_cache = ctx.kv_caches[self.layer_id]
-        backend, meta = ctx.backend, ctx.meta_for(self.sliding_window)
-        q = backend.rotate_and_store(positions, q, k, v, self.q_norm, self.k_norm, self.rotary, k_cache, v_cache, meta)
-        o = backend.attend(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
-
-
-class Qwen3MLP(nn.Module):
-    def __init__(self, config) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.act = SiluAndMul()
-
-    def fuse_projections(self) -> None:
-        self.gate_up_proj = merge_linears(self.gate_proj, self.up_proj)
-        del self.gate_proj, self.up_proj
-
-    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """The MLP from the fused gate|up projection (the layer runs gate_up_proj, its norm fused in)."""
-        return self.down_proj.forward_gated(gate_up, self.act)
-
-
 class Qwen3DecoderLayer(nn.Module):
-    def __init__(self, config, layer_id: int, rotary: RotaryEmbedding, sliding_window: int | None) -> None:
+    def __init__(
+        self, config, layer_id: int, rotary: RotaryEmbedding, sliding_window: int | None, use_triton: bool = False
+    ) -> None:
         super().__init__()
-        self.self_attn = Qwen3Attention(config, layer_id, rotary, sliding_window)
-        self.mlp = Qwen3MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(
+            config,
+            layer_id,
+            rotary,
+            sliding_window,
+            norm=RMSNorm,
+            scale=head_dim_of(config) ** -0.5,
+            use_triton=use_triton,
+        )
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, act=SiluAndMul, use_triton=use_triton)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, use_triton=use_triton)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, use_triton=use_triton)
 
     def forward(
         self, positions: torch.Tensor, h: torch.Tensor, residual: torch.Tensor | None, ctx: ForwardContext
@@ -88,17 +46,16 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, config) -> None:
+    def __init__(self, config, use_triton: bool = False) -> None:
         super().__init__()
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         base, factor = rope_settings(config)
-        self.rotary = RotaryEmbedding(head_dim, base, config.max_position_embeddings, factor)
+        self.rotary = RotaryEmbedding(head_dim_of(config), base, config.max_position_embeddings, factor)
         windows = sliding_windows(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, i, self.rotary, windows[i]) for i in range(config.num_hidden_layers)
+            Qwen3DecoderLayer(config, i, self.rotary, windows[i], use_triton) for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, use_triton=use_triton)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
@@ -111,12 +68,13 @@ class Qwen3ForCausalLM(nn.Module):
     """Token ids in, final hidden states out; `compute_logits` projects the rows that are sampled.
 
     Weights load under the checkpoint's names; `fuse_projections` must then run before `forward`.
+    use_triton: the small layers run Triton kernels on CUDA (the engine's Triton backend).
     """
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, *, use_triton: bool = False) -> None:
         super().__init__()
         self.config = config
-        self.model = Qwen3Model(config)
+        self.model = Qwen3Model(config, use_triton)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
