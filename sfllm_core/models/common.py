@@ -2,7 +2,7 @@
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -18,6 +18,10 @@ class ForwardContext:
     backend: AttentionBackend
     meta: BatchMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    # The residual stream entering each of these layers is appended to aux_hidden, [T, hidden] each
+    # (an EAGLE-3 draft head reads three of them); empty, as in every step without one: nothing.
+    aux_layers: tuple[int, ...] = ()
+    aux_hidden: list[torch.Tensor] = field(default_factory=list)
 
     def meta_for(self, sliding_window: int | None) -> BatchMetadata:
         """The batch as a layer sees it: sliding-window layers may have their own pages (meta.window)."""

@@ -79,7 +79,9 @@ class Gemma3TextModel(nn.Module):
         # The scale is rounded to the activation dtype first, as the reference does.
         h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
         residual, h_norm = None, None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if i in ctx.aux_layers:
+                ctx.aux_hidden.append(h if residual is None else residual + h_norm(h))
             h, residual = layer(positions, h, residual, h_norm, ctx)
             h_norm = layer.post_feedforward_layernorm
         return self.norm.add_norm(h, residual, h_norm)[0]

@@ -59,7 +59,9 @@ class Qwen3Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         h, residual = self.embed_tokens(input_ids), None
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            if i in ctx.aux_layers:
+                ctx.aux_hidden.append(h if residual is None else h + residual)
             h, residual = layer(positions, h, residual, ctx)
         return self.norm.add_norm(h, residual)[0]
 
