@@ -39,6 +39,9 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | torch | triton
     cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256
+    # A lone prefill chunk of up to this many tokens replays a CUDA graph (engine/prefill_graphs.py);
+    # capped at max_num_batched_tokens and 1024. 0: prefills run eagerly.
+    prefill_graph_max_tokens: int = 1024
     # Programmatic dependent launch of the Triton kernels on Hopper and later (kernels/pdl.py).
     pdl: bool = True
     seed: int = 0

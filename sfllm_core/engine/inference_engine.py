@@ -93,8 +93,15 @@ class InferenceEngine:
             self.pool, config.max_num_seqs, config.max_num_batched_tokens, self.max_context_length
         )
         graph_batch = min(config.cuda_graph_max_batch, config.max_num_seqs) if config.cuda_graphs else 0
+        prefill_tokens = min(config.prefill_graph_max_tokens, config.max_num_batched_tokens) if graph_batch else 0
         self.runner = ModelRunner(
-            self.model, self.pool, self._build_backend(), self.device, self.max_context_length, graph_batch
+            self.model,
+            self.pool,
+            self._build_backend(),
+            self.device,
+            self.max_context_length,
+            graph_batch,
+            prefill_tokens,
         )
         self.sampler = Sampler(config.seed)
         self.proposer = self._build_proposer()

@@ -5,7 +5,9 @@ chunk, gathered from those rows alone, so nobody else's step computes more than 
 
 On CUDA, pure-decode steps replay CUDA graphs captured at start for a ladder of batch sizes: the
 batch is padded up to the next captured size, padding rows write their K/V into a scratch page
-the pool never hands out, and their logits are dropped. Larger batches and prefills run eagerly.
+the pool never hands out, and their logits are dropped. A lone prefill chunk (alone, or after
+such decodes) replays a graph of its own, padded likewise (engine/prefill_graphs.py). Larger
+batches and other prefills run eagerly.
 """
 
 import logging
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from sfllm_core.engine.memory_pool import MemoryPool
+from sfllm_core.engine.prefill_graphs import MAX_GRAPH_TOKENS, PrefillGraphs, prefill_lengths
 from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence
 from sfllm_core.engine.scheduler import ScheduledBatch
 from sfllm_core.engine.verify_graphs import VerifyGraphs
@@ -111,6 +114,7 @@ class ModelRunner:
         device: torch.device,
         max_context_length: int,
         cuda_graph_max_batch: int = 0,
+        prefill_graph_max_tokens: int = 0,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -121,6 +125,18 @@ class ModelRunner:
         if device.type == "cuda" and cuda_graph_max_batch > 0:
             self._capture(cuda_graph_max_batch)
         self.verify: VerifyGraphs | None = None  # fixed-shape verify steps (speculative decoding)
+        self.prefill: PrefillGraphs | None = None  # one sequence's prefill chunk (engine/prefill_graphs.py)
+        if device.type == "cuda" and prefill_graph_max_tokens > 1 and self.graphs is not None:
+            self.enable_prefill_graphs(prefill_graph_max_tokens)
+
+    def enable_prefill_graphs(self, max_tokens: int) -> None:
+        """Run a lone prefill chunk of up to max_tokens (capped at MAX_GRAPH_TOKENS) padded to a
+        captured length: from CUDA graphs (captured here) on CUDA, eagerly elsewhere (for tests)."""
+        max_pages = -(-self.max_context_length // self.pool.page_size)
+        max_tokens = min(max_tokens, MAX_GRAPH_TOKENS, self.max_context_length)
+        self.prefill = PrefillGraphs(self, prefill_lengths(max_tokens), max_pages)
+        if self.device.type == "cuda":
+            self.prefill.capture()
 
     def enable_verify_graphs(self, tokens_per_seq: int, max_batch: int) -> None:
         """Run verify steps of up to max_batch decoding sequences padded to tokens_per_seq each,
@@ -218,6 +234,8 @@ class ModelRunner:
             return self._replay(batch, pending_tokens, pending_rows), list(range(len(batch.seqs)))
         if self.verify is not None and any(s.draft_ids for s in batch.seqs) and self.verify.fits(batch):
             return self.verify.run(batch), list(range(len(batch.seqs)))
+        if self.prefill is not None and self._prefill_fits(batch):
+            return self._replay_prefill(batch)
         input_ids, meta, sample_rows = self.prepare(batch)
         self.backend.prepare(meta)
         if meta.window is not None:
@@ -228,6 +246,29 @@ class ModelRunner:
         if not sample_rows:
             return None, sample_rows
         return self.model.compute_logits(hidden[meta.logits_indices]), sample_rows
+
+    def _prefill_fits(self, batch: ScheduledBatch) -> bool:
+        """One prefill chunk a graph can run, after decodes the decode graphs can (or none)."""
+        seq, n = batch.seqs[-1], batch.num_new_tokens[-1]
+        if not self.prefill.fits(seq, n):
+            return False
+        return len(batch.seqs) == 1 or self.graph_fits(ScheduledBatch(batch.seqs[:-1], batch.num_new_tokens[:-1]))
+
+    def _replay_prefill(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[int]]:
+        seq, n = batch.seqs[-1], batch.num_new_tokens[-1]
+        b = len(batch.seqs) - 1
+        parts = []
+        if b:
+            parts.append(self._replay(ScheduledBatch(batch.seqs[:-1], batch.num_new_tokens[:-1]), None, None))
+            self.prefill.num_joined += 1
+        logits = self.prefill.run(seq, n)
+        rows = list(range(b))
+        if seq.num_computed_tokens + n == seq.num_tokens:  # the chunk ends the prompt: its token is sampled
+            parts.append(logits)
+            rows.append(b)
+        if not parts:
+            return None, rows
+        return (parts[0] if len(parts) == 1 else torch.cat(parts)), rows
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
         """Log-softmax at each prompt position of the chunk for the prompt token after it, with its top-k."""
