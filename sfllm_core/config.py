@@ -22,8 +22,13 @@ class EngineConfig:
     served_model_name: str | None = None  # default: the checkpoint folder or file name
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on the CPU
     # Weight format: "gguf" serves a GGUF file's own quantized blocks on the CPU (int4/int8 kernels),
-    # "none" dequantizes them at load (to dtype). auto: gguf for a GGUF file on the CPU, else none.
+    # "none" dequantizes them at load (to dtype); "fp8" serves float8_e4m3fn weights (layers/fp8.py),
+    # quantized at load or as a pre-quantized FP8 checkpoint stores them. auto: gguf for a GGUF file
+    # on the CPU, fp8 for an FP8 checkpoint (config.json quantization_config), else none.
     quantization: str = "auto"
+    # How --quantization fp8 quantizes a dense checkpoint: "channel" (a scale per output row) or
+    # "block" (per 128x128 block, as Qwen's FP8 checkpoints are). Pre-quantized ones keep their own.
+    fp8_scheme: str = "channel"
     device: str = "auto"  # auto: cuda when available
     max_context_length: int | None = None  # default: the model's, capped at 8192 tokens
     page_size: int = 16
@@ -72,12 +77,14 @@ class EngineConfig:
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)
-        if self.quantization not in ("auto", "none", "gguf"):
+        if self.quantization not in ("auto", "none", "gguf", "fp8"):
             raise InvalidRequestError(
-                f"quantization must be auto, none or gguf; got {self.quantization!r}", "quantization"
+                f"quantization must be auto, none, gguf or fp8; got {self.quantization!r}", "quantization"
             )
         if self.load_format not in ("auto", "dummy"):
             raise InvalidRequestError(f"load_format must be auto or dummy; got {self.load_format!r}", "load_format")
+        if self.fp8_scheme not in ("channel", "block"):
+            raise InvalidRequestError(f"fp8_scheme must be channel or block; got {self.fp8_scheme!r}", "fp8_scheme")
         if self.speculative_algorithm not in (None, "ngram"):
             raise InvalidRequestError(
                 f"speculative_algorithm must be ngram or None; got {self.speculative_algorithm!r}",

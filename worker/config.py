@@ -22,7 +22,8 @@ class WorkerConfig:
     metrics_host: str = "0.0.0.0"
     metrics_port: int = 8001  # Prometheus /metrics over HTTP; 0: pick a free port
     dtype: str = "auto"
-    quantization: str = "auto"  # gguf: a GGUF's own quantized blocks on the CPU; none: dequantized
+    quantization: str = "auto"  # gguf: a GGUF's own quantized blocks on the CPU; fp8: FP8 weights; none: dequantized
+    fp8_scheme: str = "channel"  # --quantization fp8 of a dense checkpoint: a scale per row, or per 128x128 block
     device: str = "auto"
     max_context_length: int | None = None
     max_num_seqs: int = 256
@@ -65,6 +66,7 @@ class WorkerConfig:
             served_model_name=self.served_model_name,
             dtype=self.dtype,
             quantization=self.quantization,
+            fp8_scheme=self.fp8_scheme,
             device=self.device,
             max_context_length=self.max_context_length,
             page_size=self.page_size,
@@ -145,8 +147,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], help="weights and KV dtype")
     p.add_argument(
         "--quantization",
-        choices=["auto", "none", "gguf"],
-        help="gguf: serve a GGUF's quantized blocks on the CPU; none: dequantize to --dtype (auto: gguf on the CPU)",
+        choices=["auto", "none", "gguf", "fp8"],
+        help="gguf: serve a GGUF's quantized blocks on the CPU; fp8: float8 weights (quantized at load unless the "
+        "checkpoint is FP8); none: dequantize to --dtype (auto: gguf for a GGUF on the CPU, fp8 for an FP8 checkpoint)",
+    )
+    p.add_argument(
+        "--fp8-scheme",
+        choices=["channel", "block"],
+        help="how --quantization fp8 scales a dense checkpoint: per output channel or per 128x128 block (default channel)",
     )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--max-context-length", type=int, help="tokens per sequence (default: the model's, capped)")

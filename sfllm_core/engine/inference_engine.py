@@ -139,7 +139,7 @@ class InferenceEngine:
     def _build_model(self, path: str | None) -> torch.nn.Module:
         cls = model_class(self.model_config)
         loading = path is not None and self.config.load_format != "dummy"
-        self.quantization = "none"
+        self.quantization = "fp8" if self.config.quantization == "fp8" else "none"
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
         try:
@@ -157,6 +157,13 @@ class InferenceEngine:
             assign_weights(model, install_quantized_weights(model, weights, tied), tied)
         # Loading needs the checkpoint's separate q/k/v and gate/up tensors; serving wants one GEMM each.
         model.fuse_projections()
+        if self.quantization == "fp8":
+            from sfllm_core.layers.fp8 import quantize_linears
+
+            # Dense projections (a bfloat16 checkpoint, random weights) become FP8 here, merged ones
+            # whole; a pre-quantized checkpoint's came as stored, on the host.
+            quantize_linears(model, self.config.fp8_scheme)
+            model.to(self.device)
         return model.eval().requires_grad_(False)
 
     def _build_pool(self) -> MemoryPool:

@@ -75,8 +75,13 @@ class Linear(nn.Linear):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(h + residual)), h + residual), as RMSNorm.add_norm; residual None: h is the stream.
 
-        On the GEMV path the norm runs inside the GEMV's kernel (kernels/gemv.py `gemv_normed`).
+        On the GEMV path the norm runs inside the GEMV's kernel (kernels/gemv.py `gemv_normed`); a
+        quantized weight with a `normed` method (layers/fp8.py) may fuse it too.
         """
+        if self.quantized and hasattr(self.weight, "normed"):
+            fused = self.weight.normed(h, self.bias, norm, residual, h_norm)
+            if fused is not None:
+                return fused
         if self._gemv_fits(h) and h.shape[0] > 0 and norm.use_triton:
             from sfllm_core.kernels.gemv import gemv_normed
 
@@ -100,6 +105,10 @@ class Linear(nn.Linear):
 
     def forward_gated(self, gate_up: torch.Tensor, act: GatedActivation) -> torch.Tensor:
         """self(act(gate_up)); on the GEMV path the activation is computed inside the GEMV's loads."""
+        if self.quantized and hasattr(self.weight, "gated"):
+            fused = self.weight.gated(gate_up, self.bias, act.kind)
+            if fused is not None:
+                return fused
         if self._gemv_fits(gate_up) and gate_up.shape[0] > 0:
             from sfllm_core.kernels.gemv import gemv
 

@@ -71,7 +71,7 @@ _TOKENIZER_PROBE = "The quick brown fox jumps over the lazy dog because it is la
 
 _SUPPORTED_MODEL_TYPES = ("qwen3", "gemma3_text", "gemma3")
 _GGUF_MAGIC = b"GGUF"
-QUANTIZATIONS = ("auto", "none", "gguf")
+QUANTIZATIONS = ("auto", "none", "gguf", "fp8")
 # In a folder of its own: the cache folder's *.safetensors are its dense checkpoint.
 _QUANTIZED_FILE = Path("quantized") / "weights.safetensors"
 # Bumped when the layout of that file changes, so that older caches are rebuilt.
@@ -134,14 +134,19 @@ def is_gguf_file(path: str) -> bool:
 
 
 def resolve_quantization(requested: str, path: str | None, device: torch.device) -> str:
-    """The weight format to load in: "gguf" (the file's quantized blocks, on the CPU) or "none".
+    """The weight format to load in: "gguf" (the file's quantized blocks, on the CPU), "fp8" or "none".
 
-    "auto" is "gguf" for a GGUF file on the CPU, else "none" (GGUF weights dequantized at load).
+    "auto" is "gguf" for a GGUF file on the CPU, "fp8" for an FP8 checkpoint folder (models/fp8.py),
+    else "none" (GGUF and FP8 weights dequantized at load). "fp8" of anything else quantizes at load.
     """
     if requested not in QUANTIZATIONS:
         raise InvalidRequestError(f"quantization must be one of {', '.join(QUANTIZATIONS)}; got {requested!r}")
+    if requested == "fp8":
+        return "fp8"
     if requested == "none" or path is None:
         return "none"
+    if requested == "auto" and not is_gguf_file(path) and is_fp8_checkpoint(path):
+        return "fp8"
     gguf_on_cpu = is_gguf_file(path) and device.type == "cpu"
     if requested == "gguf" and not gguf_on_cpu:
         raise InvalidRequestError(
@@ -150,6 +155,13 @@ def resolve_quantization(requested: str, path: str | None, device: torch.device)
             "quantization",
         )
     return "gguf" if gguf_on_cpu else "none"
+
+
+def is_fp8_checkpoint(path: str) -> bool:
+    """True for a checkpoint folder whose config.json declares Qwen's FP8 block format."""
+    from sfllm_core.models.fp8 import fp8_quantization_config
+
+    return Path(path).is_dir() and fp8_quantization_config(Path(path)) is not None
 
 
 def load_weights(
@@ -161,6 +173,7 @@ def load_weights(
     value fixes transformers applies (Gemma norms are stored as 1 + w); the source file is the GGUF.
     With quantization "gguf" (GGUF files only), the quantized tensors come first, each as the
     QuantizedWeight it is served in (`linear.install_quantized_weights` takes them), then the dense rest.
+    An FP8 checkpoint's weights come the same way with quantization "fp8" (as Fp8Weight), else dequantized.
     """
     if quantization == "gguf":
         if not _is_gguf(path):
@@ -176,6 +189,13 @@ def load_weights(
             return
         for name, tensor, _ in _folder_weights(folder, dtype):
             yield name, tensor, path
+        return
+    from sfllm_core.models.fp8 import fp8_checkpoint_weights, fp8_quantization_config
+
+    fp8 = fp8_quantization_config(Path(path))
+    if fp8 is not None:
+        files = _safetensors_files(Path(path))
+        yield from fp8_checkpoint_weights(files, fp8, dtype, _text_model_name, keep_fp8=quantization == "fp8")
         return
     yield from _folder_weights(Path(path), dtype)
 

@@ -1,0 +1,344 @@
+"""y = x @ (q * scale).T for 1-4 rows of x: FP8 weights streamed once, bfloat16 activations.
+
+The decode-time projection of an FP8 model (layers/fp8.py). A step at batch 1-2 only reads weights,
+so fp8 halves it against bfloat16. Each program owns BLOCK_N weight rows and walks K in chunks of
+BLOCK_K, loading the next chunk before it multiplies the current one; its first chunk (and a
+per-channel scale) is loaded before it waits on the previous kernel (kernels/pdl.py). The scale is
+applied per row at the end (per channel), or per 128 columns to each chunk's partial sums (blocks).
+
+As kernels/gemv.py, the input can be produced inside the kernel:
+- gated (activation "silu" / "gelu_tanh"): x is [gate | up] and the product uses act(gate) * up;
+- normed (`fp8_gemv_normed`): x = RMSNorm(h + residual). Every program first sums the squares of
+  its rows (h and residual are a few KB, read from L2), then normalises each chunk as it goes;
+  program 0 alone writes the new residual stream, to a fresh buffer.
+Both round where the eager model rounds (the activation dtype after the add, the norm, the act).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from sfllm_core.kernels.pdl import pdl_launch
+
+MAX_ROWS = 4
+ACTIVATIONS = {None: 0, "silu": 1, "gelu_tanh": 2}
+# Elements of the weight tile a program multiplies per chunk (BLOCK_N x BLOCK_K), and per row of x
+# with more rows, as in kernels/gemv.py: 4096 fp32 products over 4 warps is 32 per thread.
+_TILE = 4096
+_num_sms: dict[int, int] = {}
+
+
+@triton.jit
+def _row_sumsq(
+    X, Residual, m, stride_xm, stride_rm, K: tl.constexpr, BLOCK_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, dtype
+):
+    """Sum of squares of row m of (x + residual), the sum rounded to dtype first as the eager add does."""
+    offs_k = tl.arange(0, BLOCK_K)
+    sq = tl.zeros([BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + offs_k
+        v = tl.load(X + m * stride_xm + offs, mask=offs < K, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(Residual + m * stride_rm + offs, mask=offs < K, other=0.0)
+            v = (v.to(tl.float32) + r.to(tl.float32)).to(dtype)
+        v = v.to(tl.float32)
+        sq += v * v
+    return tl.sum(sq, axis=0)
+
+
+@triton.jit
+def _x_chunk(
+    X,
+    Residual,
+    ResidualOut,
+    NormWeight,
+    m,
+    offs,
+    pid,
+    rstd,
+    stride_xm,
+    stride_rm,
+    stride_rom,
+    K: tl.constexpr,
+    ACT: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    GEMMA: tl.constexpr,
+    dtype,
+):
+    """Columns offs of row m of the GEMV's input, in float32 (normed, gated or as it is)."""
+    k_mask = offs < K
+    x_row = X + m * stride_xm
+    if NORM:
+        v = tl.load(x_row + offs, mask=k_mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(Residual + m * stride_rm + offs, mask=k_mask, other=0.0)
+            v = (v.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            if pid == 0:
+                tl.store(ResidualOut + m * stride_rom + offs, v, mask=k_mask)
+        nw = tl.load(NormWeight + offs, mask=k_mask, other=0.0).to(tl.float32)
+        if GEMMA:
+            x = (v.to(tl.float32) * rstd) * (1.0 + nw)
+        else:
+            # Qwen3 rounds the normalised row to the activation dtype before the weight multiplies it.
+            x = nw * (v.to(tl.float32) * rstd).to(dtype).to(tl.float32)
+        x = x.to(dtype).to(tl.float32)
+    elif ACT == 0:
+        x = tl.load(x_row + offs, mask=k_mask, other=0.0).to(tl.float32)
+    else:
+        gate = tl.load(x_row + offs, mask=k_mask, other=0.0).to(tl.float32)
+        up = tl.load(x_row + K + offs, mask=k_mask, other=0.0).to(tl.float32)
+        if ACT == 1:
+            act = gate * tl.sigmoid(gate)
+        else:
+            # 0.5 * (1 + tanh(z)) == sigmoid(2z): GELU's tanh form without a tanh primitive.
+            act = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+        x = (act.to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _chunk_dot(w, x, sb, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_BK: tl.constexpr, BLOCKWISE: tl.constexpr):
+    """Row sums of w * x over one chunk [BLOCK_N]; with BLOCKWISE, each 128 columns' sum times its scale sb."""
+    prod = w * x[None, :]
+    if BLOCKWISE:
+        part = tl.sum(tl.reshape(prod, [BLOCK_N, BLOCK_K // SCALE_BK, SCALE_BK]), axis=2)
+        return tl.sum(part * sb, axis=1)
+    return tl.sum(prod, axis=1)
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    X,
+    W,
+    Scale,
+    Bias,
+    Out,
+    Residual,
+    NormWeight,
+    ResidualOut,
+    N,
+    stride_xm,
+    stride_w,
+    stride_s,
+    stride_om,
+    stride_rm,
+    stride_rom,
+    eps,
+    M: tl.constexpr,
+    K: tl.constexpr,
+    SCALE_BN: tl.constexpr,
+    SCALE_BK: tl.constexpr,
+    BLOCKWISE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    GEMMA: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = W + rows[:, None].to(tl.int64) * stride_w
+    s_rows = Scale + (rows // SCALE_BN) * stride_s
+    # Weights and scales are never written during a step: start streaming before waiting on x's producer.
+    w = tl.load(w_rows + offs_k[None, :], mask=row_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+    if not BLOCKWISE:
+        s = tl.load(s_rows, mask=row_mask, other=0.0)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    dtype = Out.dtype.element_ty
+    rstd0 = 0.0
+    rstd1 = 0.0
+    rstd2 = 0.0
+    rstd3 = 0.0
+    if NORM:
+        rstd0 = tl.rsqrt(_row_sumsq(X, Residual, 0, stride_xm, stride_rm, K, BLOCK_K, HAS_RESIDUAL, dtype) / K + eps)
+        if M > 1:
+            s1 = _row_sumsq(X, Residual, 1, stride_xm, stride_rm, K, BLOCK_K, HAS_RESIDUAL, dtype)
+            rstd1 = tl.rsqrt(s1 / K + eps)
+        if M > 2:
+            s2 = _row_sumsq(X, Residual, 2, stride_xm, stride_rm, K, BLOCK_K, HAS_RESIDUAL, dtype)
+            rstd2 = tl.rsqrt(s2 / K + eps)
+        if M > 3:
+            s3 = _row_sumsq(X, Residual, 3, stride_xm, stride_rm, K, BLOCK_K, HAS_RESIDUAL, dtype)
+            rstd3 = tl.rsqrt(s3 / K + eps)
+    acc0 = tl.zeros([BLOCK_N], tl.float32)
+    acc1 = tl.zeros([BLOCK_N], tl.float32)
+    acc2 = tl.zeros([BLOCK_N], tl.float32)
+    acc3 = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + offs_k
+        ahead = offs + BLOCK_K
+        w_next = tl.load(w_rows + ahead[None, :], mask=row_mask[:, None] & (ahead[None, :] < K), other=0.0)
+        sb = 0.0
+        if BLOCKWISE:
+            cols = k0 // SCALE_BK + tl.arange(0, BLOCK_K // SCALE_BK)
+            col_mask = cols < (K + SCALE_BK - 1) // SCALE_BK
+            sb = tl.load(s_rows[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        wf = w.to(tl.float32)
+        x = _x_chunk(
+            X, Residual, ResidualOut, NormWeight, 0, offs, pid, rstd0, stride_xm, stride_rm, stride_rom,
+            K, ACT, NORM, HAS_RESIDUAL, GEMMA, dtype,
+        )  # fmt: skip
+        acc0 += _chunk_dot(wf, x, sb, BLOCK_N, BLOCK_K, SCALE_BK, BLOCKWISE)
+        if M > 1:
+            x = _x_chunk(
+                X, Residual, ResidualOut, NormWeight, 1, offs, pid, rstd1, stride_xm, stride_rm, stride_rom,
+                K, ACT, NORM, HAS_RESIDUAL, GEMMA, dtype,
+            )  # fmt: skip
+            acc1 += _chunk_dot(wf, x, sb, BLOCK_N, BLOCK_K, SCALE_BK, BLOCKWISE)
+        if M > 2:
+            x = _x_chunk(
+                X, Residual, ResidualOut, NormWeight, 2, offs, pid, rstd2, stride_xm, stride_rm, stride_rom,
+                K, ACT, NORM, HAS_RESIDUAL, GEMMA, dtype,
+            )  # fmt: skip
+            acc2 += _chunk_dot(wf, x, sb, BLOCK_N, BLOCK_K, SCALE_BK, BLOCKWISE)
+        if M > 3:
+            x = _x_chunk(
+                X, Residual, ResidualOut, NormWeight, 3, offs, pid, rstd3, stride_xm, stride_rm, stride_rom,
+                K, ACT, NORM, HAS_RESIDUAL, GEMMA, dtype,
+            )  # fmt: skip
+            acc3 += _chunk_dot(wf, x, sb, BLOCK_N, BLOCK_K, SCALE_BK, BLOCKWISE)
+        w = w_next
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(Bias + rows, mask=row_mask, other=0.0).to(tl.float32)
+    if not BLOCKWISE:
+        acc0 = acc0 * s
+        acc1 = acc1 * s
+        acc2 = acc2 * s
+        acc3 = acc3 * s
+    tl.store(Out + rows, (acc0 + bias).to(dtype), mask=row_mask)
+    if M > 1:
+        tl.store(Out + stride_om + rows, (acc1 + bias).to(dtype), mask=row_mask)
+    if M > 2:
+        tl.store(Out + 2 * stride_om + rows, (acc2 + bias).to(dtype), mask=row_mask)
+    if M > 3:
+        tl.store(Out + 3 * stride_om + rows, (acc3 + bias).to(dtype), mask=row_mask)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the interpreter: any small grid
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _num_sms:
+        _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _num_sms[index]
+
+
+def launch_config(rows: int, n: int, k: int, blockwise: bool, sms: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps): row blocks small enough to give every SM two programs, the
+    tile's width filled up to _TILE elements per row of x (at least 128 columns with block scales)."""
+    block_n = 32
+    while block_n > 1 and triton.cdiv(n, block_n) < 2 * sms:
+        block_n //= 2
+    budget = max(_TILE // triton.next_power_of_2(rows), 512)
+    block_k = min(triton.next_power_of_2(k), max(budget // block_n, 64))
+    if blockwise:
+        block_k = max(block_k, 128)
+        block_n = max(1, min(block_n, budget // block_k))
+    num_warps = 4 if block_n * block_k <= _TILE else 8
+    return block_n, block_k, num_warps
+
+
+def _launch(x, weight, scale, block_n, block_k, bias, out, activation, residual, norm_weight, residual_out, eps, gemma):
+    m = x.shape[0]
+    n, k = weight.shape
+    blockwise = scale.shape[1] > 1
+    bn, bk, num_warps = launch_config(m, n, k, blockwise, _sm_count(x.device))
+    _fp8_gemv_kernel[(triton.cdiv(n, bn),)](
+        x,
+        weight,
+        scale,
+        weight if bias is None else bias,
+        out,
+        x if residual is None else residual,
+        weight if norm_weight is None else norm_weight,
+        out if residual_out is None else residual_out,
+        n,
+        x.stride(0),
+        weight.stride(0),
+        scale.stride(0),
+        out.stride(0),
+        0 if residual is None else residual.stride(0),
+        0 if residual_out is None else residual_out.stride(0),
+        eps,
+        M=m,
+        K=k,
+        SCALE_BN=block_n,
+        SCALE_BK=128,
+        BLOCKWISE=blockwise,
+        HAS_BIAS=bias is not None,
+        ACT=ACTIVATIONS[activation],
+        NORM=norm_weight is not None,
+        HAS_RESIDUAL=residual is not None,
+        GEMMA=gemma,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+        num_warps=num_warps,
+        **pdl_launch(x.device),
+    )
+
+
+def _check(x, weight, scale, block_n, block_k, bias, width):
+    n, k = weight.shape
+    assert x.dim() == 2 and x.shape[1] == width, "x does not match the weight's input size"
+    assert 1 <= x.shape[0] <= MAX_ROWS and x.stride(1) == 1 and weight.is_contiguous()
+    assert weight.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.stride(1) == 1
+    assert scale.shape == (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    assert scale.shape[1] == 1 or block_k == 128, "block scales cover 128 columns"
+    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
+
+
+def fp8_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block_n: int,
+    block_k: int,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """x [M, K] @ (weight * scale)[N, K].T + bias for M <= 4, into a new [M, N] tensor in x's dtype.
+
+    weight is float8_e4m3fn; scale float32 [ceil(N / block_n), ceil(K / block_k)] (one column: per
+    row block; else block_k is 128). With activation "silu" or "gelu_tanh", x is [M, 2K] laid out
+    [gate | up] and the product uses act(gate) * up in its place.
+    """
+    k = weight.shape[1]
+    _check(x, weight, scale, block_n, block_k, bias, k if activation is None else 2 * k)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    _launch(x, weight, scale, block_n, block_k, bias, out, activation, None, None, None, 0.0, False)
+    return out
+
+
+def fp8_gemv_normed(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block_n: int,
+    block_k: int,
+    bias: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    gemma: bool,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(h + residual) @ (weight * scale).T + bias, h + residual), as kernels/gemv.py gemv_normed.
+
+    Without residual the norm applies to h alone and h is returned as the residual stream.
+    """
+    k = weight.shape[1]
+    _check(h, weight, scale, block_n, block_k, bias, k)
+    assert norm_weight.shape == (k,) and norm_weight.is_contiguous()
+    assert residual is None or (residual.shape == h.shape and residual.stride(1) == 1)
+    out = torch.empty(h.shape[0], weight.shape[0], dtype=h.dtype, device=h.device)
+    residual_out = None if residual is None else torch.empty_like(residual)
+    _launch(h, weight, scale, block_n, block_k, bias, out, None, residual, norm_weight, residual_out, eps, gemma)
+    return out, (h if residual is None else residual_out)
