@@ -29,6 +29,9 @@ class WorkerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_waiting: int = 1024  # queue bound; past it Generate answers RESOURCE_EXHAUSTED
+    # Queue-time bound: a request not yet admitted this long after it arrived is refused (RESOURCE_EXHAUSTED), and
+    # while the oldest waiting one has waited half of it, new ones are refused at once. 0: no bound.
+    max_queue_time_s: float = 20.0
     page_size: int = 16
     num_pages: int | None = None
     kv_cache_memory_gb: float | None = None
@@ -161,6 +164,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, help=f"sequences batched at once (default {d.max_num_seqs})")
     p.add_argument("--max-num-batched-tokens", type=int, help=f"tokens per step (default {d.max_num_batched_tokens})")
     p.add_argument("--max-waiting", type=int, help=f"queue bound before RESOURCE_EXHAUSTED (default {d.max_waiting})")
+    p.add_argument(
+        "--max-queue-time-s",
+        type=float,
+        help=f"refuse a request still waiting for admission after this long, and new ones while the oldest waiting "
+        f"has waited half of it, with RESOURCE_EXHAUSTED (default {d.max_queue_time_s}; 0: no bound)",
+    )
     p.add_argument("--page-size", type=int, help=f"KV cache page size in tokens (default {d.page_size})")
     p.add_argument("--num-pages", type=int, help="KV cache pages (default: sized from --kv-cache-memory-gb)")
     p.add_argument("--kv-cache-memory-gb", type=float, help="KV cache memory (default: 1 on CPU, 90%% free on GPU)")

@@ -4,6 +4,12 @@ It does no per-token text work: requests arrive from the front as token ids (Add
 each step's outputs leave as one StepBatch for the detokenizer. Load reports, refusals and the
 start-up handshake go straight to the front. The process exits when told to (Shutdown), when its
 parent dies, or when it cannot build the engine.
+
+The queue-time bound (--max-queue-time-s) is kept here, where the queue is: a request that has waited that long
+without being admitted is aborted and refused as queue_full (the front answers RESOURCE_EXHAUSTED with its retry
+hint, and sends nothing else for it), and while the oldest request waiting has waited half of it, the queue is
+taken as standing and new requests are refused at once, since they would wait behind it. A continuation (a stream
+migrated from another worker, its client already reading) is not refused for a standing queue, only past the bound.
 """
 
 import json
@@ -43,6 +49,7 @@ log = logging.getLogger("sfllm.engine")
 SLOW_STEP_LOG_S = 0.5  # steps longer than this are logged (a full 8k-token prefill on an H200 takes ~0.1 s)
 IDLE_SPIN_S = 0.5  # see _loop
 LOAD_REPORT_INTERVAL_S = 0.02  # while busy, load reports go out at most this often (and always on idling)
+QUEUE_CHECK_INTERVAL_S = 0.1  # how often the queue-time bound looks for requests past it
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,6 +89,8 @@ class EngineServer:
         self._last_load = None
         self._last_load_at = 0.0
         self._trace: list | None = None
+        self._expired: set[str] = set()  # refused past the queue-time bound: their abort's output is not sent on
+        self._queue_checked_at = 0.0
 
     def run(self) -> None:
         try:
@@ -138,6 +147,8 @@ class EngineServer:
                 self._aborting = True
                 self._send_outputs(engine.abort_all())
                 return
+            if self.config.max_queue_time_s > 0 and time.monotonic() - self._queue_checked_at >= QUEUE_CHECK_INTERVAL_S:
+                self._expire_queued()
             if engine.has_work():
                 if delay:
                     time.sleep(delay)
@@ -169,6 +180,11 @@ class EngineServer:
             if isinstance(msg, AddRequest):
                 if self._trace is not None:  # an arrival: a row with a negative step time
                     self._trace.append((time.perf_counter(), -1.0, 0.0, 0, 0))
+                standing = self._queue_age() if self.config.max_queue_time_s > 0 and not msg.continuation else 0.0
+                if standing >= self.config.max_queue_time_s / 2:
+                    message = f"the queue is standing: its oldest request has waited {standing:.1f} s; retry later"
+                    self.to_front.send(self._encode(Rejected(msg.rid, "queue_full", message)))
+                    continue
                 try:
                     engine.submit(engine.make_sequence(msg.rid, msg.prompt_ids, msg.params, msg.continuation))
                 except InvalidRequestError as exc:
@@ -188,7 +204,39 @@ class EngineServer:
             elif isinstance(msg, Shutdown):
                 return False
 
+    def _queue_age(self) -> float:
+        """How long the oldest request not yet admitted has waited (0 for none). The queue holds them in arrival
+        order after any preempted ones (admitted before), so the first such from the head is the oldest."""
+        for seq in self.engine.scheduler.waiting:
+            if not seq.admitted:
+                return time.monotonic() - seq.arrival_time
+        return 0.0
+
+    def _expire_queued(self) -> None:
+        """Abort and refuse (queue_full) the requests that have waited past the queue-time bound unadmitted."""
+        now = self._queue_checked_at = time.monotonic()
+        bound = self.config.max_queue_time_s
+        expired = []
+        for seq in self.engine.scheduler.waiting:
+            if seq.admitted or seq.request_id in self._expired:
+                continue
+            if now - seq.arrival_time < bound:
+                break  # the ones behind it came later
+            expired.append(seq)
+        for seq in expired:
+            rid = seq.request_id
+            self.engine.abort(rid)
+            self._expired.add(rid)
+            self._unannounced.pop(rid, None)
+            message = f"not admitted within {bound:g} s (--max-queue-time-s); retry later"
+            self.to_front.send(self._encode(Rejected(rid, "queue_full", message)))
+
     def _send_outputs(self, outputs: list) -> None:
+        if self._expired and outputs:  # the front was told they were refused: their aborts are not news
+            ended = {out.request_id for out in outputs} & self._expired
+            if ended:
+                self._expired -= ended
+                outputs = [out for out in outputs if out.request_id not in ended]
         if not outputs:
             return
         if self._aborting:

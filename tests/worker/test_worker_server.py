@@ -113,6 +113,70 @@ def test_a_full_queue_is_resource_exhausted_with_a_retry_hint(make_worker):
         assert list(running)[-1].finished.finish_reason == pb.FINISH_REASON_ABORT
 
 
+def _refusal(client: WorkerClient, prompt: str | None = PROMPT, **kwargs: object) -> tuple[grpc.RpcError | None, float]:
+    """Generate to the end: the error it got (None if it was served) and how long it took."""
+    started = time.monotonic()
+    try:
+        client.generate(prompt, max_tokens=2, **kwargs)
+    except grpc.RpcError as exc:
+        return exc, time.monotonic() - started
+    return None, time.monotonic() - started
+
+
+def test_a_request_not_admitted_within_the_queue_time_bound_is_refused_and_a_standing_queue_refuses_at_once(
+    make_worker,
+):
+    """--max-queue-time-s: a request waiting unadmitted past it is refused RESOURCE_EXHAUSTED with the retry hint,
+    and leaves nothing behind; while the oldest waiting one has waited half of it, a new request is refused at once,
+    though a continuation (a migrated stream) still queues."""
+    bound = 3.0
+    worker = make_worker(pace=0.01, max_num_seqs=1, max_waiting=8, retry_after_ms=250, max_queue_time_s=bound)
+    with WorkerClient(worker.target, timeout=30) as client:
+        pages = client.load().kv_pages_used
+        # 400 steps of 0.01 s at least: it holds the only slot past every bound below
+        running = client.stream(PROMPT, max_tokens=400, temperature=0, ignore_eos=True, request_id="running")
+        next(running)
+        outcomes: dict[str, tuple[grpc.RpcError | None, float]] = {}
+        waiter = threading.Thread(target=lambda: outcomes.update(waiting=_refusal(client)))
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while client.load().num_requests_waiting < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        queued_at = time.monotonic()  # it has waited since before now, and not much longer (a load poll's delay)
+        time.sleep(bound / 2 + 0.2)
+        standing, took = _refusal(client)  # the queue is standing: refused at once, not after the bound
+        assert standing is not None and standing.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, standing
+        assert "standing" in standing.details() and took < 1.0, (standing.details(), took)
+        continuation = threading.Thread(
+            target=lambda: outcomes.update(
+                continuation=_refusal(client, None, token_ids=[11, 12, 13], continuation=[14])
+            )
+        )
+        continuation.start()
+        while client.load().num_requests_waiting < 2:  # it queued behind the first, standing queue or not
+            assert time.monotonic() < deadline + 10, outcomes
+            time.sleep(0.01)
+        waiter.join(timeout=30)
+        refused, waited = outcomes["waiting"]
+        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+        assert "--max-queue-time-s" in refused.details()
+        assert dict(refused.trailing_metadata())["retry-after-ms"] == "250"  # as for a full queue: callers retry
+        # refused past the bound, within the check's interval (and a loaded machine's slack) of it
+        assert bound <= waited and time.monotonic() - queued_at < bound + 2.0, waited
+        continuation.join(timeout=30)
+        late, _ = outcomes["continuation"]
+        assert late is not None and "--max-queue-time-s" in late.details(), late  # it too waited the bound at most
+        client.abort(["running"])
+        assert list(running)[-1].finished.finish_reason == pb.FINISH_REASON_ABORT
+        deadline = time.monotonic() + 10
+        while (load := client.load()).num_requests_running or load.num_requests_waiting or load.kv_pages_used > pages:
+            assert time.monotonic() < deadline, load
+            time.sleep(0.01)
+        served = client.generate(PROMPT, max_tokens=2)  # and it serves again at once
+        assert served.finish_reason == "length"
+
+
 def _read_log(path: Path) -> list[dict]:
     lines = []
     for line in path.read_text().splitlines():
