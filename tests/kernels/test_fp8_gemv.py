@@ -1,0 +1,127 @@
+"""The FP8 GEMV equals a float32 matmul by the dequantized weight: plain, gated, and with the norm fused in."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sfllm_core.kernels.fp8_gemv import fp8_gemv, fp8_gemv_normed, launch_config
+from sfllm_core.layers.activation import GeluTanhAndMul, SiluAndMul
+from sfllm_core.layers.fp8 import Fp8Weight
+from sfllm_core.layers.norms import GemmaRMSNorm, RMSNorm
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+ACTS = {None: None, "silu": SiluAndMul, "gelu_tanh": GeluTanhAndMul}
+
+
+def _padded(rows: int, width: int, gen: torch.Generator, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    # A view into a NaN-padded buffer: reading past a row's width poisons the result.
+    buffer = torch.full((rows, width + 8), float("nan"), dtype=dtype)
+    buffer[:, :width] = (torch.randn(rows, width, generator=gen) * scale).to(dtype)
+    return buffer[:, :width]
+
+
+def _check(rows, n, k, scheme, activation, with_bias, dtype, atol, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    width = k if activation is None else 2 * k
+    x = _padded(rows, width, gen, dtype)
+    fw = Fp8Weight.from_dense(torch.randn(n, k, generator=gen) / k**0.5, scheme)
+    bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
+    inputs = x if activation is None else ACTS[activation]()(x)
+    expected = F.linear(inputs.float(), fw.dequantize(), None if bias is None else bias.float())
+    out = fp8_gemv(
+        x.to(device),
+        fw.weight.to(device),
+        fw.scale.to(device),
+        fw.block_n,
+        fw.block_k,
+        None if bias is None else bias.to(device),
+        activation,
+    )
+    assert out.shape == (rows, n) and out.dtype == dtype
+    torch.testing.assert_close(out.cpu().float(), expected, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("scheme", ["channel", "block"])
+@pytest.mark.parametrize(
+    "rows,n,k,activation,with_bias,dtype",
+    [
+        (1, 24, 64, None, False, torch.float32),
+        (2, 40, 300, "silu", True, torch.float32),  # K off the chunks and blocks, N off the row block
+        (3, 130, 256, "gelu_tanh", False, torch.float32),  # rows across two 128-row scale blocks
+        (4, 16, 520, None, True, torch.float32),
+        (2, 32, 200, "silu", False, torch.bfloat16),
+    ],
+)
+def test_fp8_gemv_matches_dequantized_matmul(device, rows, n, k, scheme, activation, with_bias, dtype):
+    atol = 1e-4 if dtype == torch.float32 else 5e-2
+    _check(rows, n, k, scheme, activation, with_bias, dtype, atol, device, seed=k + rows)
+
+
+def test_fp8_gemv_reads_merged_row_spread_scales(device):
+    # q|k|v of 64 + 32 + 32 rows from 128x128 blocks: the merged weight has a scale per row.
+    gen = torch.Generator().manual_seed(1)
+    parts = [Fp8Weight.from_dense(torch.randn(n, 256, generator=gen), "block") for n in (64, 32, 32)]
+    merged = Fp8Weight.concat(parts)
+    assert merged.block_n == 1 and merged.scale.shape == (128, 2)
+    x = torch.randn(2, 256, generator=gen)
+    out = fp8_gemv(x.to(device), merged.weight.to(device), merged.scale.to(device), merged.block_n, merged.block_k)
+    torch.testing.assert_close(out.cpu(), x @ merged.dequantize().t(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "rows,n,k,scheme,gemma,with_residual",
+    [
+        (1, 48, 64, "channel", False, True),
+        (2, 20, 300, "block", False, True),
+        (3, 36, 130, "block", True, True),
+        (2, 16, 96, "channel", False, False),
+    ],
+)
+def test_fp8_gemv_normed_matches_norm_then_matmul(device, rows, n, k, scheme, gemma, with_residual):
+    gen = torch.Generator().manual_seed(n + k)
+    norm = (GemmaRMSNorm if gemma else RMSNorm)(k, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(k, generator=gen) * 0.5 + (0.0 if gemma else 1.0))
+    h = _padded(rows, k, gen, torch.float32, scale=3.0)
+    residual = _padded(rows, k, gen, torch.float32, scale=3.0) if with_residual else None
+    fw = Fp8Weight.from_dense(torch.randn(n, k, generator=gen) / k**0.5, scheme)
+    if residual is None:
+        x, expected_residual = norm(h), h
+    else:
+        x, expected_residual = norm.add_norm(h, residual)
+    out, new_residual = fp8_gemv_normed(
+        h.to(device),
+        fw.weight.to(device),
+        fw.scale.to(device),
+        fw.block_n,
+        fw.block_k,
+        None,
+        norm.weight.detach().to(device),
+        norm.eps,
+        gemma,
+        None if residual is None else residual.to(device),
+    )
+    torch.testing.assert_close(out.cpu(), F.linear(x, fw.dequantize()), atol=1e-4, rtol=0)
+    torch.testing.assert_close(new_residual.cpu(), expected_residual, atol=0, rtol=0)
+
+
+def test_launch_config_fills_the_gpu_and_keeps_block_scales_whole():
+    # Qwen3-8B's projections on 132 SMs: at least two programs per SM, tiles of whole 128-column blocks.
+    for n, k in [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (1024, 2048)]:
+        for blockwise in (False, True):
+            block_n, block_k, _ = launch_config(1, n, k, blockwise, 132)
+            assert -(-n // block_n) >= 2 * 132 or block_n == 1
+            assert not blockwise or block_k % 128 == 0
+            assert block_n * block_k <= 4096
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("scheme", ["channel", "block"])
+@pytest.mark.parametrize(
+    "n,k,activation",
+    [(6144, 4096, None), (4096, 4096, None), (24576, 4096, None), (4096, 12288, "silu"), (1024, 3072, "silu")],
+)
+def test_fp8_gemv_full_shapes_on_gpu(rows, n, k, scheme, activation):
+    _check(rows, n, k, scheme, activation, False, torch.bfloat16, 6e-2, torch.device("cuda"), seed=rows)
