@@ -29,8 +29,8 @@ class WorkerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_waiting: int = 1024  # queue bound; past it Generate answers RESOURCE_EXHAUSTED
-    # Queue-time bound: a request not yet admitted this long after it arrived is refused (RESOURCE_EXHAUSTED), and
-    # while the oldest waiting one has waited half of it, new ones are refused at once. 0: no bound.
+    # Queue-time bound: a request not yet admitted this long after it arrived is refused (RESOURCE_EXHAUSTED), and a
+    # new one that would wait longer (by the queue's length and service rate) is refused at once. 0: no bound.
     max_queue_time_s: float = 20.0
     page_size: int = 16
     num_pages: int | None = None
@@ -167,8 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-queue-time-s",
         type=float,
-        help=f"refuse a request still waiting for admission after this long, and new ones while the oldest waiting "
-        f"has waited half of it, with RESOURCE_EXHAUSTED (default {d.max_queue_time_s}; 0: no bound)",
+        help=f"refuse a request still waiting for admission after this long, and at once one that would wait "
+        f"longer, with RESOURCE_EXHAUSTED (default {d.max_queue_time_s}; 0: no bound)",
     )
     p.add_argument("--page-size", type=int, help=f"KV cache page size in tokens (default {d.page_size})")
     p.add_argument("--num-pages", type=int, help="KV cache pages (default: sized from --kv-cache-memory-gb)")

@@ -5,11 +5,13 @@ each step's outputs leave as one StepBatch for the detokenizer. Load reports, re
 start-up handshake go straight to the front. The process exits when told to (Shutdown), when its
 parent dies, or when it cannot build the engine.
 
-The queue-time bound (--max-queue-time-s) is kept here, where the queue is: a request that has waited that long
-without being admitted is aborted and refused as queue_full (the front answers RESOURCE_EXHAUSTED with its retry
-hint, and sends nothing else for it), and while the oldest request waiting has waited half of it, the queue is
-taken as standing and new requests are refused at once, since they would wait behind it. A continuation (a stream
-migrated from another worker, its client already reading) is not refused for a standing queue, only past the bound.
+The queue-time bound (--max-queue-time-s) is kept here, where the queue is. A request still unadmitted that long
+after it arrived is aborted and refused as queue_full (the front answers RESOURCE_EXHAUSTED with its retry hint, and
+sends nothing else for it). And a new request that would wait longer is refused at once, at the door: when the
+requests queued ahead of it, at the rate the queue has been admitting them, would take the bound, or when the oldest
+of them has already waited half of it (a queue that admits nothing, or too little to measure a rate). A continuation
+(a stream migrated from another worker, its client mid-stream) is never refused for waiting: a stall is better than
+an error event there, and the door keeps the queue it joins short.
 """
 
 import json
@@ -17,7 +19,9 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -44,12 +48,15 @@ from worker.messages import (
     encoder,
 )
 
+if TYPE_CHECKING:
+    from sfllm_core.engine.request_sequence import RequestSequence
+
 log = logging.getLogger("sfllm.engine")
 
 SLOW_STEP_LOG_S = 0.5  # steps longer than this are logged (a full 8k-token prefill on an H200 takes ~0.1 s)
 IDLE_SPIN_S = 0.5  # see _loop
 LOAD_REPORT_INTERVAL_S = 0.02  # while busy, load reports go out at most this often (and always on idling)
-QUEUE_CHECK_INTERVAL_S = 0.1  # how often the queue-time bound looks for requests past it
+QUEUE_CHECK_INTERVAL_S = 0.1  # how often the queue-time bound looks for requests admitted or past it
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,6 +98,12 @@ class EngineServer:
         self._trace: list | None = None
         self._expired: set[str] = set()  # refused past the queue-time bound: their abort's output is not sent on
         self._queue_checked_at = 0.0
+        # Submitted, not yet admitted (nor ended), oldest first; True for a continuation.
+        self._unadmitted: dict[str, tuple[RequestSequence, bool]] = {}
+        # The queue's service rate: per look that found requests queued at the look before, (when, seconds, how
+        # many were admitted since); over the last bound's worth of such looks. An idle queue measures nothing.
+        self._service: deque[tuple[float, float, int]] = deque()
+        self._backlogged = False  # the last look found requests queued
 
     def run(self) -> None:
         try:
@@ -147,8 +160,8 @@ class EngineServer:
                 self._aborting = True
                 self._send_outputs(engine.abort_all())
                 return
-            if self.config.max_queue_time_s > 0 and time.monotonic() - self._queue_checked_at >= QUEUE_CHECK_INTERVAL_S:
-                self._expire_queued()
+            if self._unadmitted:
+                self._check_queue()
             if engine.has_work():
                 if delay:
                     time.sleep(delay)
@@ -180,19 +193,23 @@ class EngineServer:
             if isinstance(msg, AddRequest):
                 if self._trace is not None:  # an arrival: a row with a negative step time
                     self._trace.append((time.perf_counter(), -1.0, 0.0, 0, 0))
-                standing = self._queue_age() if self.config.max_queue_time_s > 0 and not msg.continuation else 0.0
-                if standing >= self.config.max_queue_time_s / 2:
-                    message = f"the queue is standing: its oldest request has waited {standing:.1f} s; retry later"
+                bounded = self.config.max_queue_time_s > 0
+                wait = self._expected_wait() if bounded and not msg.continuation else None
+                if wait is not None:
+                    message = f"the queue is too long: a request would wait {wait} in it; retry later"
                     self.to_front.send(self._encode(Rejected(msg.rid, "queue_full", message)))
                     continue
                 try:
-                    engine.submit(engine.make_sequence(msg.rid, msg.prompt_ids, msg.params, msg.continuation))
+                    seq = engine.make_sequence(msg.rid, msg.prompt_ids, msg.params, msg.continuation)
+                    engine.submit(seq)
                 except InvalidRequestError as exc:
                     self.to_front.send(self._encode(Rejected(msg.rid, "invalid", exc.message, exc.param)))
                 except QueueFullError as exc:
                     self.to_front.send(self._encode(Rejected(msg.rid, "queue_full", str(exc))))
                 else:
                     self._unannounced[msg.rid] = msg.detok
+                    if bounded:
+                        self._unadmitted[msg.rid] = (seq, bool(msg.continuation))
             elif isinstance(msg, AbortRequests):
                 for rid in msg.rids:
                     engine.abort(rid)
@@ -204,32 +221,54 @@ class EngineServer:
             elif isinstance(msg, Shutdown):
                 return False
 
-    def _queue_age(self) -> float:
-        """How long the oldest request not yet admitted has waited (0 for none). The queue holds them in arrival
-        order after any preempted ones (admitted before), so the first such from the head is the oldest."""
-        for seq in self.engine.scheduler.waiting:
-            if not seq.admitted:
-                return time.monotonic() - seq.arrival_time
-        return 0.0
-
-    def _expire_queued(self) -> None:
-        """Abort and refuse (queue_full) the requests that have waited past the queue-time bound unadmitted."""
-        now = self._queue_checked_at = time.monotonic()
+    def _expected_wait(self) -> str | None:
+        """Why a new request would wait past the queue-time bound (None: it would not), by the requests queued
+        ahead of it and the rate the queue has admitted requests at while it held some, or by how long the oldest
+        has waited (a queue that admits too little to measure)."""
+        self._check_queue()
+        if not self._unadmitted:
+            return None
         bound = self.config.max_queue_time_s
-        expired = []
-        for seq in self.engine.scheduler.waiting:
-            if seq.admitted or seq.request_id in self._expired:
+        queued = len(self._unadmitted)  # as of the last look: at most QUEUE_CHECK_INTERVAL_S old
+        oldest = time.monotonic() - next(iter(self._unadmitted.values()))[0].arrival_time
+        if oldest >= bound / 2:
+            return f"more than {bound:g} s (the oldest has waited {oldest:.1f} s)"
+        seconds = sum(dt for _, dt, _ in self._service)
+        admitted = sum(n for _, _, n in self._service)
+        if seconds >= 1.0 and admitted and queued * seconds / admitted >= bound:
+            per_s = admitted / seconds
+            return f"about {queued / per_s:.0f} s ({queued} ahead, {per_s:.2f} admitted a second)"
+        return None
+
+    def _check_queue(self) -> None:
+        """Note the requests admitted since the last look (the service rate), forget those that ended, and refuse
+        the ones past the queue-time bound; at most every QUEUE_CHECK_INTERVAL_S."""
+        now = time.monotonic()
+        since = now - self._queue_checked_at
+        if since < QUEUE_CHECK_INTERVAL_S:
+            return
+        self._queue_checked_at = now
+        bound = self.config.max_queue_time_s
+        admitted = 0
+        for rid, (seq, continuation) in list(self._unadmitted.items()):
+            if seq.admitted:
+                admitted += 1
+            elif seq.is_finished:
+                pass
+            elif not continuation and now - seq.arrival_time >= bound:
+                self.engine.abort(rid)
+                self._expired.add(rid)
+                self._unannounced.pop(rid, None)
+                message = f"not admitted within {bound:g} s (--max-queue-time-s); retry later"
+                self.to_front.send(self._encode(Rejected(rid, "queue_full", message)))
+            else:
                 continue
-            if now - seq.arrival_time < bound:
-                break  # the ones behind it came later
-            expired.append(seq)
-        for seq in expired:
-            rid = seq.request_id
-            self.engine.abort(rid)
-            self._expired.add(rid)
-            self._unannounced.pop(rid, None)
-            message = f"not admitted within {bound:g} s (--max-queue-time-s); retry later"
-            self.to_front.send(self._encode(Rejected(rid, "queue_full", message)))
+            del self._unadmitted[rid]
+        if self._backlogged:
+            self._service.append((now, since, admitted))
+        while self._service and self._service[0][0] < now - bound:
+            self._service.popleft()
+        self._backlogged = bool(self._unadmitted)
 
     def _send_outputs(self, outputs: list) -> None:
         if self._expired and outputs:  # the front was told they were refused: their aborts are not news
