@@ -9,6 +9,7 @@ Each figure is printed beside its floor: bytes of weights + KV read per step ove
 bandwidth measured in the same run. Prints a table last and writes JSON.
 
 Usage: python bench/engine.py [--models qwen3-0.6b qwen3-8b gemma3-1b] [--parts a b c] [--json out.json]
+       [--fp8 channel block]  (also FP8 weights, each scheme, beside bf16; bench/fp8.py adds accuracy)
 """
 
 import argparse
@@ -93,7 +94,8 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / times[len(times) // 2]
 
 
-def weight_bytes(config) -> int:
+def weight_bytes(config, fp8: bool = False) -> int:
+    """Bytes of weights a decode step reads; fp8: the layers' projections at one byte (lm_head stays bf16)."""
     h, v, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
     heads, kv, d, inter = (
         config.num_attention_heads,
@@ -103,7 +105,7 @@ def weight_bytes(config) -> int:
     )
     per_layer = h * (heads * d + 2 * kv * d) + heads * d * h + 3 * h * inter
     lm_head = v * h  # read whole every step; the embedding lookup reads only a few rows
-    return 2 * (layers * per_layer + lm_head)
+    return (1 if fp8 else 2) * layers * per_layer + 2 * lm_head
 
 
 def kv_bytes_per_token(config) -> int:
@@ -134,7 +136,8 @@ def workload(n: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
     return prompts, out_lens
 
 
-def ours(name: str, config, parts: list[str], n_seqs: int, bw: float) -> dict:
+def ours(name: str, config, parts: list[str], n_seqs: int, bw: float, c_batches=(64, 256), **overrides) -> dict:
+    """SFLLM's figures; overrides go to EngineConfig (quantization="fp8", fp8_scheme=... for FP8)."""
     start = time.perf_counter()
     engine = InferenceEngine(
         config=EngineConfig(
@@ -144,11 +147,12 @@ def ours(name: str, config, parts: list[str], n_seqs: int, bw: float) -> dict:
             max_num_batched_tokens=8192,
             kv_cache_memory_gb=48.0,
             enable_prefix_caching=False,
+            **overrides,
         ),
         hf_config=config,
     )
     res = {"startup_s": time.perf_counter() - start, "graph_capture_s": getattr(engine.runner, "capture_seconds", None)}
-    wb = weight_bytes(config)
+    wb = weight_bytes(config, fp8=overrides.get("quantization") == "fp8")
     if "b" in parts:
         prompt = torch.randint(0, 10000, (128,)).tolist()
         greedy = dict(temperature=0.0, ignore_eos=True)
@@ -180,7 +184,7 @@ def ours(name: str, config, parts: list[str], n_seqs: int, bw: float) -> dict:
                         prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70)
                     )
     if "c" in parts:
-        for batch in (64, 256):
+        for batch in c_batches:
             prompts = [torch.randint(0, 10000, (1024,)).tolist() for _ in range(batch)]
             for i, p in enumerate(prompts):
                 engine.add_request(f"c{batch}-{i}", p, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
@@ -312,6 +316,9 @@ def main() -> None:
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--no-ours", action="store_true", help="transformers only (its figures, no ratios)")
     parser.add_argument("--json", default="bench_engine.json")
+    parser.add_argument(
+        "--fp8", nargs="*", choices=["channel", "block"], help="also run SFLLM with FP8 weights (these schemes)"
+    )
     args = parser.parse_args()
 
     bw = copy_bandwidth()
@@ -327,6 +334,11 @@ def main() -> None:
         config = SHAPES[name]()
         entry = {"sfllm": {} if args.no_ours else ours(name, config, args.parts, args.seqs, bw)}
         print(name, "sfllm", entry["sfllm"], flush=True)
+        for scheme in args.fp8 or []:
+            entry[f"sfllm-fp8-{scheme}"] = ours(
+                name, config, args.parts, args.seqs, bw, quantization="fp8", fp8_scheme=scheme
+            )
+            print(name, f"sfllm-fp8-{scheme}", entry[f"sfllm-fp8-{scheme}"], flush=True)
         if not args.no_peer:
             try:
                 entry["transformers"] = peer(name, config, args.parts, args.peer_seqs)
@@ -342,7 +354,7 @@ def main() -> None:
         f"transformers {transformers.__version__}"
     )
     print(
-        f"{'model':<11} | {'figure':<26} | {'sfllm':>9} | {'transformers':>12} | {'speedup':>7} | "
+        f"{'model':<22} | {'figure':<26} | {'sfllm':>9} | {'transformers':>12} | {'speedup':>7} | "
         f"{'floor':>8} | {'% floor':>7}"
     )
     rows = [
@@ -356,21 +368,29 @@ def main() -> None:
         ("d", "d_offline_tok_s", "(d) 64x256 offline tok/s", None),
         ("d", "d_stream_tok_s", "(d) same, streamed tok/s", None),
     ]
-    for name, entry in results["models"].items():
-        s, p = entry["sfllm"], entry.get("transformers", {})
-        for part, key, label, floor_key in rows:
-            if part not in args.parts or (key not in s and key not in p):
-                continue
-            ours_v, peer_v = s.get(key, float("nan")), p.get(key)
-            higher_better = key.endswith("tok_s")
-            speedup = (ours_v / peer_v if higher_better else peer_v / ours_v) if peer_v else None
-            floor = s.get(floor_key) if floor_key else None
-            pct = floor / ours_v * 100 if floor else None
-            print(
-                f"{name:<11} | {label:<26} | {ours_v:>9.2f} | {peer_v if peer_v else float('nan'):>12.2f} | "
-                f"{speedup if speedup else float('nan'):>6.1f}x | {floor if floor else float('nan'):>8.3f} | "
-                f"{pct if pct else float('nan'):>6.0f}%"
-            )
+    for model_name, entry in results["models"].items():
+        variants = [v for v in entry if v != "transformers"]
+        for variant in variants:
+            s, p = entry[variant], entry.get("transformers", {})
+            name = model_name if variant == "sfllm" else f"{model_name} {variant.removeprefix('sfllm-')}"
+            _print_rows(name, s, p, rows, args.parts)
+
+
+def _print_rows(name: str, s: dict, p: dict, rows: list, parts: list[str]) -> None:
+    """One model variant's rows of the table: ours, the peer's, speedup, floor."""
+    for part, key, label, floor_key in rows:
+        if part not in parts or (key not in s and key not in p):
+            continue
+        ours_v, peer_v = s.get(key, float("nan")), p.get(key)
+        higher_better = key.endswith("tok_s")
+        speedup = (ours_v / peer_v if higher_better else peer_v / ours_v) if peer_v else None
+        floor = s.get(floor_key) if floor_key else None
+        pct = floor / ours_v * 100 if floor else None
+        print(
+            f"{name:<22} | {label:<26} | {ours_v:>9.2f} | {peer_v if peer_v else float('nan'):>12.2f} | "
+            f"{speedup if speedup else float('nan'):>6.1f}x | {floor if floor else float('nan'):>8.3f} | "
+            f"{pct if pct else float('nan'):>6.0f}%"
+        )
 
 
 if __name__ == "__main__":

@@ -247,11 +247,13 @@ def launch_config(rows: int, n: int, k: int, blockwise: bool, sms: int) -> tuple
     return block_n, block_k, num_warps
 
 
-def _launch(x, weight, scale, block_n, block_k, bias, out, activation, residual, norm_weight, residual_out, eps, gemma):
+def _launch(
+    x, weight, scale, block_n, block_k, bias, out, activation, residual, norm_weight, residual_out, eps, gemma, config
+):
     m = x.shape[0]
     n, k = weight.shape
     blockwise = scale.shape[1] > 1
-    bn, bk, num_warps = launch_config(m, n, k, blockwise, _sm_count(x.device))
+    bn, bk, num_warps = config or launch_config(m, n, k, blockwise, _sm_count(x.device))
     _fp8_gemv_kernel[(triton.cdiv(n, bn),)](
         x,
         weight,
@@ -304,17 +306,20 @@ def fp8_gemv(
     block_k: int,
     bias: torch.Tensor | None = None,
     activation: str | None = None,
+    *,
+    config: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ (weight * scale)[N, K].T + bias for M <= 4, into a new [M, N] tensor in x's dtype.
 
     weight is float8_e4m3fn; scale float32 [ceil(N / block_n), ceil(K / block_k)] (one column: per
     row block; else block_k is 128). With activation "silu" or "gelu_tanh", x is [M, 2K] laid out
-    [gate | up] and the product uses act(gate) * up in its place.
+    [gate | up] and the product uses act(gate) * up in its place. config (BLOCK_N, BLOCK_K,
+    num_warps) replaces `launch_config`'s choice (benchmarks sweep it).
     """
     k = weight.shape[1]
     _check(x, weight, scale, block_n, block_k, bias, k if activation is None else 2 * k)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    _launch(x, weight, scale, block_n, block_k, bias, out, activation, None, None, None, 0.0, False)
+    _launch(x, weight, scale, block_n, block_k, bias, out, activation, None, None, None, 0.0, False, config)
     return out
 
 
@@ -340,5 +345,5 @@ def fp8_gemv_normed(
     assert residual is None or (residual.shape == h.shape and residual.stride(1) == 1)
     out = torch.empty(h.shape[0], weight.shape[0], dtype=h.dtype, device=h.device)
     residual_out = None if residual is None else torch.empty_like(residual)
-    _launch(h, weight, scale, block_n, block_k, bias, out, None, residual, norm_weight, residual_out, eps, gemma)
+    _launch(h, weight, scale, block_n, block_k, bias, out, None, residual, norm_weight, residual_out, eps, gemma, None)
     return out, (h if residual is None else residual_out)

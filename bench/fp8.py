@@ -1,0 +1,349 @@
+"""FP8 weights against bf16 on one GPU, in one run: accuracy on the same weights, then speed.
+
+Accuracy (Qwen3-0.6B and 8B shapes, random weights): one bf16 model; its logits at 1,000 prompt
+positions (4 prompts of 250 tokens in one chunk each: the FP8 GEMM path, activations quantized per
+token) and at 128 decode steps (teacher-forced on bf16's greedy tokens: the FP8 GEMV path, bf16
+activations), against the same model with its projections quantized per channel and per 128x128
+block (lm_head stays bf16, as in Qwen's FP8 checkpoints). Reported: cosine similarity of the logit
+rows, top-1 agreement, KL(bf16 || fp8), and how many positions are near ties for bf16 (top two
+within 0.5): random weights give flatter logits than a trained model, so top-1 there is the
+harshest reading. Weights: std 0.02 (transformers' initializer_range), the output projection scaled
+to give logits of std 4 (a trained model's spread), norms 1.
+
+Kernels (--kernels): the FP8 GEMV against the bf16 path on the 8B shapes at batch 1, GB/s of
+weights; --sweep also times other (BLOCK_N, BLOCK_K, warps) for tuning launch_config.
+
+Speed: bench/engine.py's `ours` for bf16, fp8-channel and fp8-block in turn: (b) batch-1 ms/token
+with floors, (c) the batch-256 decode step, (a) offline throughput (--seqs sequences).
+
+Usage (from the repo root): PYTHONPATH=. python bench/fp8.py [--models qwen3-0.6b qwen3-8b]
+    [--skip accuracy kernels speed] [--seqs 128] [--json bench_fp8.json]
+The default run takes about 5 minutes on an H200.
+"""
+
+import argparse
+import contextlib
+import gc
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sfllm_core.config import EngineConfig
+from sfllm_core.engine.inference_engine import InferenceEngine
+from sfllm_core.engine.request_sequence import RequestSequence
+from sfllm_core.layers.fp8 import UNQUANTIZED, Fp8Weight
+from sfllm_core.layers.linear import Linear
+from sfllm_core.models.common import ForwardContext
+from sfllm_core.sampling_params import SamplingParams
+
+_spec = importlib.util.spec_from_file_location("bench_engine", Path(__file__).with_name("engine.py"))
+engine_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(engine_bench)
+
+SCHEMES = ("channel", "block")
+LOGIT_STD = 4.0
+# Speed parts per model: the 0.6B question is only "batch 1 no slower than bf16".
+SPEED_PARTS = {"qwen3-0.6b": ["b"], "qwen3-8b": ["b", "c", "a"]}
+
+
+# ---- accuracy ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def realistic_init(model: nn.Module, config, seed: int = 0) -> None:
+    torch.manual_seed(seed)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for name, param in model.named_parameters():
+        if "norm" in name:
+            param.fill_(1.0)
+        elif name == "lm_head.weight" or (tied and name == "model.embed_tokens.weight"):
+            param.normal_(0.0, LOGIT_STD / config.hidden_size**0.5)
+        else:
+            param.normal_(0.0, 0.02)
+
+
+@contextlib.contextmanager
+def quantized(model: nn.Module, scheme: str):
+    """The model with its projections FP8 while inside; the dense layers are put back after."""
+    swaps = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and isinstance(module.weight, nn.Parameter)
+        and name.rpartition(".")[2] not in UNQUANTIZED
+    ]
+
+    def put(name: str, module: nn.Module) -> None:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, module)
+
+    for name, module in swaps:
+        put(name, Linear.from_weight(Fp8Weight.from_dense(module.weight, scheme), module.bias))
+    try:
+        yield
+    finally:
+        for name, module in swaps:
+            put(name, module)
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def prefill_logits(engine: InferenceEngine, prompt: list[int]) -> torch.Tensor:
+    seq = RequestSequence("acc", prompt, SamplingParams(max_tokens=1))
+    engine.scheduler.add(seq)
+    chunks = []
+    while seq.num_computed_tokens < len(prompt):
+        batch = engine.scheduler.schedule()
+        input_ids, meta, _ = engine.runner.prepare(batch)
+        engine.runner.backend.prepare(meta)
+        with torch.inference_mode():
+            ctx = ForwardContext(engine.runner.backend, meta, engine.pool.kv_caches)
+            chunks.append(engine.model.compute_logits(engine.model(input_ids, meta.positions, ctx)).float())
+        engine.scheduler.commit(batch)
+    engine.scheduler.finish(seq, "stop")
+    return torch.cat(chunks)
+
+
+def decode_logits(
+    engine: InferenceEngine, prompt: list[int], steps: int, forced: list[int] | None
+) -> tuple[torch.Tensor, list[int]]:
+    """Logits of `steps` one-token decode steps after prompt, fed forced tokens (None: its own greedy
+    ones), and the tokens fed."""
+    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+    seq = RequestSequence("acc-decode", list(prompt), params)
+    engine.scheduler.add(seq)
+    rows, fed = [], []
+    while len(rows) < steps + 1:
+        batch = engine.scheduler.schedule()
+        logits, sampled = engine.runner.execute(batch)
+        engine.scheduler.commit(batch)
+        if sampled:
+            rows.append(logits[0].float())
+            fed.append(forced[len(fed)] if forced is not None else int(logits[0].argmax()))
+            seq.token_ids.append(fed[-1])
+    engine.scheduler.finish(seq, "length")
+    return torch.stack(rows[1:]), fed  # rows[0] is the prefill's last position
+
+
+def compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
+    cosine = F.cosine_similarity(got, ref, dim=-1)
+    log_ref, log_got = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
+    kl = (log_ref.exp() * (log_ref - log_got)).sum(-1)
+    top2 = ref.topk(2, dim=-1).values
+    return {
+        "positions": ref.shape[0],
+        "cosine_mean": cosine.mean().item(),
+        "cosine_min": cosine.min().item(),
+        "top1_agreement": (got.argmax(-1) == ref.argmax(-1)).float().mean().item(),
+        "kl_mean": kl.mean().item(),
+        "ref_near_ties": (top2[:, 0] - top2[:, 1] < 0.5).float().mean().item(),
+    }
+
+
+def accuracy(name: str, config) -> dict:
+    engine = InferenceEngine(
+        config=EngineConfig(
+            dtype="bfloat16",
+            cuda_graphs=False,
+            max_context_length=1024,
+            max_num_batched_tokens=1024,
+            kv_cache_memory_gb=4.0,
+            enable_prefix_caching=False,
+            max_num_seqs=4,
+        ),
+        hf_config=config,
+    )
+    realistic_init(engine.model, config)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, config.vocab_size, (250,), generator=gen).tolist() for _ in range(4)]
+    decode_prompt = torch.randint(0, config.vocab_size, (64,), generator=gen).tolist()
+    ref_prefill = torch.cat([prefill_logits(engine, p) for p in prompts])
+    ref_decode, forced = decode_logits(engine, decode_prompt, 128, None)
+    out = {}
+    for scheme in SCHEMES:
+        with quantized(engine.model, scheme):
+            got_prefill = torch.cat([prefill_logits(engine, p) for p in prompts])
+            got_decode, _ = decode_logits(engine, decode_prompt, 128, forced)
+        out[scheme] = {"prefill": compare(ref_prefill, got_prefill), "decode": compare(ref_decode, got_decode)}
+        print(name, "accuracy", scheme, out[scheme], flush=True)
+    engine.shutdown()
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+# ---- kernels ----------------------------------------------------------------------------------
+
+
+def _time_us(fn, reps: int = 200) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps * 1e3
+
+
+def kernels(config, sweep: bool) -> dict:
+    """Batch-1 projections of a model's shape: FP8 GEMV (each scheme) against bf16 (GEMV or cuBLAS, as served)."""
+    from sfllm_core.kernels.fp8_gemv import fp8_gemv, launch_config
+    from sfllm_core.kernels.gemv import gemv
+    from sfllm_core.layers.linear import GEMV_MAX_WEIGHT_BYTES
+
+    h, inter = config.hidden_size, config.intermediate_size
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    shapes = {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter)}
+    out = {}
+    for label, (n, k) in shapes.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        if n * k * 2 <= GEMV_MAX_WEIGHT_BYTES:
+            bf16_us = _time_us(lambda w=w, x=x: gemv(x, w))
+        else:
+            bf16_us = _time_us(lambda w=w, x=x: F.linear(x, w))
+        row = {"n": n, "k": k, "bf16_us": bf16_us, "bf16_GBps": n * k * 2 / bf16_us / 1e3}
+        for scheme in SCHEMES:
+            fw = Fp8Weight.from_dense(w, scheme)
+            us = _time_us(lambda fw=fw, x=x: fp8_gemv(x, fw.weight, fw.scale, fw.block_n, fw.block_k))
+            blockwise = fw.scale.shape[1] > 1
+            row[f"{scheme}_us"], row[f"{scheme}_GBps"] = us, n * k / us / 1e3
+            row[f"{scheme}_config"] = launch_config(
+                1, n, k, blockwise, torch.cuda.get_device_properties(0).multi_processor_count
+            )
+            if sweep:
+                row[f"{scheme}_best_us"], row[f"{scheme}_best_config"] = _sweep(fw, x, us, row[f"{scheme}_config"])
+        out[label] = row
+        print("kernel", label, row, flush=True)
+    return out
+
+
+def _sweep(fw: Fp8Weight, x: torch.Tensor, us: float, config: tuple) -> tuple[float, tuple]:
+    """The fastest (BLOCK_N, BLOCK_K, num_warps) for this weight at batch 1, starting from launch_config's."""
+    from sfllm_core.kernels.fp8_gemv import fp8_gemv
+
+    best = (us, config)
+    k = fw.in_features
+    for bn in (2, 4, 8, 16, 32):
+        for bk in (128, 256, 512, 1024, 2048):
+            for warps in (4, 8):
+                if bn * bk > 8192 or bk > max(128, 1 << (k - 1).bit_length()):
+                    continue
+                c = (bn, bk, warps)
+                t = _time_us(lambda c=c: fp8_gemv(x, fw.weight, fw.scale, fw.block_n, fw.block_k, config=c), reps=50)
+                best = min(best, (t, c))
+    return best
+
+
+# ---- speed ------------------------------------------------------------------------------------
+
+
+def speed(name: str, config, bw: float, seqs: int) -> dict:
+    parts = SPEED_PARTS.get(name, ["b"])
+    out = {}
+    for variant, overrides in [
+        ("bf16", {}),
+        *((f"fp8-{s}", {"quantization": "fp8", "fp8_scheme": s}) for s in SCHEMES),
+    ]:
+        start = time.perf_counter()
+        out[variant] = engine_bench.ours(name, config, parts, seqs, bw, c_batches=(256,), **overrides)
+        out[variant]["wall_s"] = time.perf_counter() - start
+        print(name, "speed", variant, out[variant], flush=True)
+    return out
+
+
+# ---- the table ----------------------------------------------------------------------------------
+
+
+def print_tables(results: dict) -> None:
+    print(f"\n{results['device']}, copy bandwidth {results['copy_bandwidth_TBps']:.2f} TB/s, torch {results['torch']}")
+    acc = {m: r["accuracy"] for m, r in results["models"].items() if "accuracy" in r}
+    if acc:
+        print("FP8 logits against bf16 (same random weights; lm_head bf16):")
+        print(f"{'model':<11} | {'scheme':<7} | {'path':<19} | {'pos':>5} | {'cos mean':>8} | {'cos min':>7} | "
+              f"{'top-1':>6} | {'KL':>8} | {'bf16 ties':>9}")  # fmt: skip
+        for model, by_scheme in acc.items():
+            for scheme, paths in by_scheme.items():
+                for path, r in paths.items():
+                    label = "prefill (W8A8 GEMM)" if path == "prefill" else "decode (GEMV)"
+                    print(
+                        f"{model:<11} | {scheme:<7} | {label:<19} | {r['positions']:>5} | {r['cosine_mean']:>8.5f} | "
+                        f"{r['cosine_min']:>7.4f} | {r['top1_agreement']:>6.3f} | {r['kl_mean']:>8.5f} | "
+                        f"{r['ref_near_ties']:>9.2f}"
+                    )
+    kern = {m: r["kernels"] for m, r in results["models"].items() if "kernels" in r}
+    if kern:
+        print("Batch-1 projections, us (GB/s of weights): bf16 as served | fp8 channel | fp8 block")
+        for model, rows in kern.items():
+            for label, r in rows.items():
+                cells = " | ".join(f"{r[f'{v}_us']:>7.1f} ({r[f'{v}_GBps']:>5.0f})" for v in ("bf16", *SCHEMES))
+                print(f"{model:<11} | {label:<7} {r['n']:>6}x{r['k']:<6} | {cells}")
+    figures = [
+        ("b_ms_per_token", "batch-1 ms/token", "b_floor_ms"),
+        ("b_graph_only_ms", "batch-1 graph replay ms", "b_floor_ms"),
+        ("c256_step_ms", "batch-256 step ms", "c256_floor_ms"),
+        ("c256_graph_only_ms", "batch-256 graph ms", "c256_floor_ms"),
+        ("a_tok_s", "offline out tok/s", None),
+    ]
+    speeds = {m: r["speed"] for m, r in results["models"].items() if "speed" in r}
+    if speeds:
+        variants = ["bf16", *(f"fp8-{s}" for s in SCHEMES)]
+        print("Speed (floors: weights + KV bytes over the copy bandwidth; fp8 floor counts lm_head in bf16):")
+        print(f"{'model':<11} | {'figure':<24} | " + " | ".join(f"{v:>11}" for v in variants) + " | floor bf16/fp8")
+        for model, by_variant in speeds.items():
+            for key, label, floor_key in figures:
+                if not any(key in by_variant[v] for v in variants):
+                    continue
+                values = " | ".join(f"{by_variant[v].get(key, float('nan')):>11.3f}" for v in variants)
+                floors = ""
+                if floor_key:
+                    bf16_floor, fp8_floor = (
+                        by_variant[v].get(floor_key, float("nan")) for v in ("bf16", "fp8-channel")
+                    )
+                    floors = f"{bf16_floor:.3f}/{fp8_floor:.3f}"
+                print(f"{model:<11} | {label:<24} | {values} | {floors}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["qwen3-0.6b", "qwen3-8b"], choices=list(engine_bench.SHAPES))
+    parser.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "kernels", "speed"])
+    parser.add_argument("--sweep", action="store_true", help="kernels: also time other GEMV launch configs")
+    parser.add_argument("--seqs", type=int, default=128, help="sequences of the offline workload (a)")
+    parser.add_argument("--json", default="bench_fp8.json")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    bw = engine_bench.copy_bandwidth()
+    results = {
+        "device": torch.cuda.get_device_name(),
+        "copy_bandwidth_TBps": bw / 1e12,
+        "torch": torch.__version__,
+        "models": {},
+    }
+    for name in args.models:
+        config = engine_bench.SHAPES[name]()
+        entry = results["models"][name] = {}
+        if "accuracy" not in args.skip:
+            entry["accuracy"] = accuracy(name, config)
+        if "kernels" not in args.skip:
+            entry["kernels"] = kernels(config, args.sweep)
+        if "speed" not in args.skip:
+            entry["speed"] = speed(name, config, bw, args.seqs)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    print(f"total {time.perf_counter() - start:.0f} s")
+    print_tables(results)
+
+
+if __name__ == "__main__":
+    main()
