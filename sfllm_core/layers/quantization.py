@@ -4,8 +4,9 @@ A format is an nn.Module holding its tensors as buffers; `Linear.from_weight` pu
 dense weight would be, so `linear.weight(x)` is x @ W^T whatever the storage. Formats on the CPU:
 
 - GroupedIntWeight: small integers with a scale and an offset per group of a row, exactly as GGUF
-  blocks store them (w = q * scale + offset). Exact; its matmul dequantizes to float32 first, which
-  only pays for many rows (prefill), and it gives exact rows for an embedding lookup.
+  blocks store them (w = q * scale + offset). Exact; decode-sized inputs go through the CPU grouped
+  int8 kernel (kernels/cpu_grouped_gemm.py) where it builds, larger ones through a float32 GEMM on the
+  dequantized weight (prefill); it gives exact rows for an embedding lookup.
 - Int4PackedWeight: torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`), groups of 32-256
   with a scale and a zero point each, activations in bfloat16.
 - Int8ChannelWeight: torch's CPU int8 kernel (`_weight_int8pack_mm`), one scale per output row.
@@ -22,6 +23,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sfllm_core.kernels import cpu_grouped_gemm
 
 # Where the CPU weight-only kernels stop paying, measured on 2 cores (torch 2.13, Gemma 3 270M's
 # 640 x 2048 projections): they run a row at a time, dequantized float32 GEMMs are ahead past ~16 rows.
@@ -136,7 +139,18 @@ class GroupedIntWeight(QuantizedWeight):
         return self._dequantize(self.q, self.scale, self.offset).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= cpu_grouped_gemm.MAX_ROWS and self._kernel():
+            # Decode-sized: the weight read once as it is stored (kernels/cpu_grouped_gemm.py).
+            return cpu_grouped_gemm.grouped_int8_mm(x, self.q, self.scale, self.offset)
         return F.linear(x, self.dequantize(x.dtype))
+
+    def _kernel(self) -> bool:
+        return (
+            not self.q.is_cuda
+            and self.group_size in cpu_grouped_gemm.GROUP_SIZES
+            and self.in_features % 16 == 0
+            and cpu_grouped_gemm.available()
+        )
 
     def regrouped(self, group_size: int) -> "GroupedIntWeight":
         """The same weight with scale and offset repeated over groups of group_size (a divisor of ours)."""
@@ -320,20 +334,20 @@ class RowSwitchWeight(QuantizedWeight):
 
     @classmethod
     def concat(cls, parts: list["QuantizedWeight"]) -> "RowSwitchWeight":
-        return cls(
-            concat_weights([p.decode for p in parts]),
-            concat_weights([p.prefill for p in parts]),
-            max_rows=parts[0].max_rows,
-        )
+        prefill = concat_weights([p.prefill for p in parts])
+        # One format for both (an exact weight with a decode kernel of its own): one copy, held twice.
+        same = all(p.decode is p.prefill for p in parts)
+        decode = prefill if same else concat_weights([p.decode for p in parts])
+        return cls(decode, prefill, max_rows=parts[0].max_rows)
 
     def to_tensors(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        decode_meta, decode = self.decode.to_tensors()
         prefill_meta, prefill = self.prefill.to_tensors()
-        meta = {"kind": self.kind, "max_rows": self.max_rows, "decode": decode_meta, "prefill": prefill_meta}
-        return meta, {
-            **{f"decode.{k}": v for k, v in decode.items()},
-            **{f"prefill.{k}": v for k, v in prefill.items()},
-        }
+        meta = {"kind": self.kind, "max_rows": self.max_rows, "prefill": prefill_meta}
+        tensors = {f"prefill.{k}": v for k, v in prefill.items()}
+        if self.decode is self.prefill:
+            return {**meta, "decode": "prefill"}, tensors
+        decode_meta, decode = self.decode.to_tensors()
+        return {**meta, "decode": decode_meta}, {**{f"decode.{k}": v for k, v in decode.items()}, **tensors}
 
     @classmethod
     def _from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> "RowSwitchWeight":
@@ -341,7 +355,9 @@ class RowSwitchWeight(QuantizedWeight):
             found = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
             return QuantizedWeight.from_tensors(meta[prefix[:-1]], found)
 
-        return cls(part("decode."), part("prefill."), max_rows=meta["max_rows"])
+        prefill = part("prefill.")
+        decode = prefill if meta["decode"] == "prefill" else part("decode.")
+        return cls(decode, prefill, max_rows=meta["max_rows"])
 
 
 class TopRefinedWeight(QuantizedWeight):

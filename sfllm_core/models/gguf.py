@@ -16,15 +16,18 @@ Every block type read here stores w = q * scale + offset over groups of 16 or 32
 (d, dmin, m: float16 of the block; sc, m of the K types: 6-bit (Q4_K/Q5_K) or int8 (Q6_K) per
 sub-block.) `grouped_ints` decodes them into a GroupedIntWeight, bit-identical to the gguf
 package's dequantization. `served_weight` picks the kernel that serves decode-sized batches:
-4-bit types go to torch's int4 kernel as they are (scale and zero point per group of 32); the
-others to its int8 kernel with one scale per row, re-quantized from the exact weights, since the
-kernel has no groups. The logits' projection is the exception: its decode pass only ranks the
+4-bit types go to torch's int4 kernel as they are (scale and zero point per group of 32); Q5_0 and
+Q8_0 stay the file's blocks (GgufBlockWeight) and the other wider types grouped int8, both exact and
+served by our CPU kernels (kernels/cpu_grouped_gemm.py) with float32 activations. Where those do not
+build, wider types go to torch's int8 kernel with one scale per row, re-quantized from the exact
+weights (~1% weight error). The logits' projection is the exception: its decode pass only ranks the
 vocabulary for TopRefinedWeight, so wider blocks are re-quantized to 4 bits for the int4 kernel.
 """
 
 import numpy as np
 import torch
 
+from sfllm_core.kernels import cpu_grouped_gemm
 from sfllm_core.layers.quantization import (
     CPU_QUANTIZED_MAX_ROWS,
     GroupedIntWeight,
@@ -146,13 +149,82 @@ def grouped_ints(data: np.ndarray, type_name: str, shape: tuple[int, int]) -> Gr
     return GroupedIntWeight(q, scale, offset)
 
 
-def served_weight(exact: GroupedIntWeight, logits: bool = False) -> QuantizedWeight:
-    """The format a linear layer holds: decode-sized batches through a torch kernel, prefill exact.
+class GgufBlockWeight(QuantizedWeight):
+    """A weight kept as the GGUF's own Q5_0 or Q8_0 blocks (uint8 [N, K / 32 * block bytes]), exact.
+
+    Decode-sized float32 inputs run through the CPU kernel that reads the blocks as stored
+    (`cpu_grouped_gemm.gguf_block_mm`): Q5_0 is 0.69 bytes per weight, against 1.0 for int8.
+    """
+
+    kind = "gguf_blocks"
+
+    def __init__(self, blocks: torch.Tensor, *, type_name: str) -> None:
+        per_block = cpu_grouped_gemm.GGUF_BLOCK_TYPES[type_name][1]
+        super().__init__(blocks.shape[0], blocks.shape[1] // per_block * 32)
+        assert blocks.dtype == torch.uint8 and blocks.shape[1] % per_block == 0
+        self.type_name = type_name
+        self.register_buffer("blocks", blocks)
+
+    @classmethod
+    def _buffer_names(cls) -> tuple[str, ...]:
+        return ("blocks",)
+
+    @classmethod
+    def _init_args(cls, meta: dict) -> dict:
+        return {"type_name": meta["type_name"]}
+
+    def to_tensors(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        meta, tensors = super().to_tensors()
+        return {**meta, "type_name": self.type_name}, tensors
+
+    def exact(self, ids: torch.Tensor | None = None) -> GroupedIntWeight:
+        blocks = self.blocks if ids is None else self.blocks[ids]
+        return grouped_ints(blocks.numpy(), self.type_name, (blocks.shape[0], self.in_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == torch.float32 and not x.is_cuda and cpu_grouped_gemm.available():
+            return cpu_grouped_gemm.gguf_block_mm(x, self.blocks, self.type_name)
+        return torch.nn.functional.linear(x, self.dequantize(x.dtype))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.exact().dequantize(dtype)
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.exact(ids.reshape(-1)).dequantize(dtype).view(*ids.shape, self.in_features)
+
+    def as_q8_0(self) -> "GgufBlockWeight":
+        """The same weight in Q8_0 blocks (exact: a Q5_0 value and its scale fit an int8 block as they are)."""
+        if self.type_name == "Q8_0":
+            return self
+        blocks = self.blocks.view(self.out_features, -1, 22)
+        exact = self.exact()
+        q = exact.q.view(self.out_features, -1, 32).view(torch.uint8)
+        return GgufBlockWeight(torch.cat([blocks[..., :2], q], dim=-1).reshape(self.out_features, -1), type_name="Q8_0")
+
+    @classmethod
+    def concat(cls, parts: list["QuantizedWeight"]) -> "GgufBlockWeight":
+        if len({p.type_name for p in parts}) > 1:
+            parts = [p.as_q8_0() for p in parts]
+        return cls(torch.cat([p.blocks for p in parts]), type_name=parts[0].type_name)
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}, {self.in_features}, {self.type_name}"
+
+
+def served_weight(
+    exact: GroupedIntWeight, logits: bool = False, blocks: np.ndarray | None = None, type_name: str = ""
+) -> QuantizedWeight:
+    """The format a linear layer holds: decode-sized batches through a CPU kernel, prefill exact.
 
     logits: the weight projects to logits (the output projection, or the embedding tied to it), whose
-    top entries are then recomputed exactly (TopRefinedWeight).
+    top entries are then recomputed exactly (TopRefinedWeight). blocks: the tensor's raw GGUF blocks,
+    which Q5_0 and Q8_0 weights are served from as they are where the CPU kernel builds.
     """
     if not logits:
+        if blocks is not None and type_name in cpu_grouped_gemm.GGUF_BLOCK_TYPES and cpu_grouped_gemm.available():
+            # A copy: the GGUF's blocks are a read-only view of the memory-mapped file.
+            raw = torch.from_numpy(np.array(blocks, dtype=np.uint8).reshape(exact.out_features, -1))
+            return RowSwitchWeight(GgufBlockWeight(raw, type_name=type_name), exact, max_rows=CPU_QUANTIZED_MAX_ROWS)
         return RowSwitchWeight(decode_weight(exact), exact, max_rows=CPU_QUANTIZED_MAX_ROWS)
     return TopRefinedWeight(
         RowSwitchWeight(logits_ranking_weight(exact), exact, max_rows=CPU_QUANTIZED_MAX_ROWS), top=LOGITS_TOP
@@ -185,4 +257,6 @@ def decode_weight(exact: GroupedIntWeight) -> QuantizedWeight:
         # q in [low, low + 15]: shift into 0..15, folding low * scale into the offset.
         offset = low * exact.scale if exact.offset is None else exact.offset + low * exact.scale
         return Int4PackedWeight.from_ints((q.to(torch.int16) - low).to(torch.uint8), exact.scale, offset)
+    if exact._kernel():
+        return exact  # its own grouped int8 kernel: exact, where torch's int8 kernel has one scale per row
     return Int8ChannelWeight.from_dense(exact.dequantize())

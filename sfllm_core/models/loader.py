@@ -75,7 +75,7 @@ QUANTIZATIONS = ("auto", "none", "gguf", "fp8")
 # In a folder of its own: the cache folder's *.safetensors are its dense checkpoint.
 _QUANTIZED_FILE = Path("quantized") / "weights.safetensors"
 # Bumped when the layout of that file changes, so that older caches are rebuilt.
-_QUANTIZED_CACHE_VERSION = "3"
+_QUANTIZED_CACHE_VERSION = "4"
 
 # Multimodal Gemma 3 checkpoints nest the text model; older ones the other way round.
 _TEXT_PREFIXES = (
@@ -393,6 +393,11 @@ def _quantized_gguf(path: str, cache_root: str | None) -> list[tuple[str, "torch
     Building them reads every block once (about 10 s for Gemma 3 270M on 2 cores); the cache file
     then takes about a second to read.
     """
+    from sfllm_core.kernels import cpu_grouped_gemm
+    from sfllm_core.models import gguf  # noqa: F401 (registers GgufBlockWeight for the cache's formats)
+
+    # Built (once, ~25 s; then cached by torch) or loaded now, not in the first request's step.
+    cpu_grouped_gemm.available()
     cache = _cache_dir(path, cache_root)
     file = cache / _QUANTIZED_FILE
     if file.is_file():
@@ -413,6 +418,13 @@ def _quantized_gguf(path: str, cache_root: str | None) -> list[tuple[str, "torch
     return entries
 
 
+def _quantized_cache_version() -> str:
+    """The layout version, and whether the CPU block kernels were there: the formats chosen depend on it."""
+    from sfllm_core.kernels import cpu_grouped_gemm
+
+    return _QUANTIZED_CACHE_VERSION + ("+cpu-kernels" if cpu_grouped_gemm.available() else "")
+
+
 def _write_quantized(file: Path, entries: list[tuple[str, "torch.Tensor | QuantizedWeight"]], source: str) -> None:
     from safetensors.torch import save_file
 
@@ -429,7 +441,7 @@ def _write_quantized(file: Path, entries: list[tuple[str, "torch.Tensor | Quanti
             tensors[name] = value.contiguous()
     metadata = {
         "source": Path(source).name,
-        "sfllm.version": _QUANTIZED_CACHE_VERSION,
+        "sfllm.version": _quantized_cache_version(),
         "sfllm.torch": torch.__version__,
         "sfllm.order": json.dumps(order),
         "sfllm.formats": json.dumps(formats),
@@ -443,7 +455,7 @@ def _read_quantized(file: Path) -> list[tuple[str, "torch.Tensor | QuantizedWeig
         with safe_open(str(file), framework="pt") as f:
             metadata = f.metadata() or {}
             if (metadata.get("sfllm.version"), metadata.get("sfllm.torch")) != (
-                _QUANTIZED_CACHE_VERSION,
+                _quantized_cache_version(),
                 torch.__version__,
             ):
                 logger.info("%s was written by another version; building it again", file)
@@ -524,7 +536,8 @@ class _GgufCheckpoint:
                 shape = tuple(reversed(tensor.shape.tolist()))
                 name = self.names[tensor.name]
                 logits = name in ("lm_head.weight", "model.embed_tokens.weight")
-                quantized.append((name, served_weight(grouped_ints(tensor.data, kind, shape), logits)))
+                exact = grouped_ints(tensor.data, kind, shape)
+                quantized.append((name, served_weight(exact, logits, tensor.data, kind)))
                 continue
             result = self.processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name)
             if result.name not in self.names:

@@ -7,6 +7,7 @@ from torch import nn
 
 from sfllm_core.layers.linear import Linear, install_quantized_weights, merge_linears, project
 from sfllm_core.layers.quantization import (
+    CPU_QUANTIZED_MAX_ROWS,
     GroupedIntWeight,
     Int4PackedWeight,
     Int8ChannelWeight,
@@ -100,7 +101,8 @@ def test_row_switch_sends_decode_batches_to_the_kernel_and_prefill_to_the_exact_
     exact = grouped(64, 128, 32, 0, 15, offset=True)
     kernel = Int4PackedWeight.from_ints(exact.q.to(torch.uint8), exact.scale, exact.offset)
     switch = RowSwitchWeight(kernel, exact, max_rows=4)
-    small, large = torch.randn(4, 128), torch.randn(5, 128)
+    # Past the CPU kernels' row limit the exact weight runs as a float32 GEMM on its dequantized values.
+    small, large = torch.randn(4, 128), torch.randn(CPU_QUANTIZED_MAX_ROWS + 1, 128)
     assert torch.equal(switch(small), kernel(small))
     assert torch.equal(switch(large), F.linear(large, exact.dequantize()))
     assert torch.equal(switch.rows(torch.tensor([3])), exact.dequantize()[3:4])
