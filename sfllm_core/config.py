@@ -50,9 +50,11 @@ class EngineConfig:
     # Programmatic dependent launch of the Triton kernels on Hopper and later (kernels/pdl.py).
     pdl: bool = True
     seed: int = 0
-    # Speculative decoding: None (off) or "ngram" (prompt lookup: drafts are the tokens that followed
-    # the sequence's last ngram_max..ngram_min tokens where they occurred before).
+    # Speculative decoding: None (off), "ngram" (prompt lookup: drafts are the tokens that followed
+    # the sequence's last ngram_max..ngram_min tokens where they occurred before) or "eagle3" (an
+    # EAGLE-3 draft head, speculative_draft_model, reading the target's hidden states; chain drafts).
     speculative_algorithm: str | None = None
+    speculative_draft_model: str | None = None  # the EAGLE-3 head's checkpoint folder (random with load_format dummy)
     num_speculative_tokens: int = 4  # drafts per sequence and step at most
     ngram_max: int = 4
     ngram_min: int = 2
@@ -85,10 +87,15 @@ class EngineConfig:
             raise InvalidRequestError(f"load_format must be auto or dummy; got {self.load_format!r}", "load_format")
         if self.fp8_scheme not in ("channel", "block"):
             raise InvalidRequestError(f"fp8_scheme must be channel or block; got {self.fp8_scheme!r}", "fp8_scheme")
-        if self.speculative_algorithm not in (None, "ngram"):
+        if self.speculative_algorithm not in (None, "ngram", "eagle3"):
             raise InvalidRequestError(
-                f"speculative_algorithm must be ngram or None; got {self.speculative_algorithm!r}",
+                f"speculative_algorithm must be ngram, eagle3 or None; got {self.speculative_algorithm!r}",
                 "speculative_algorithm",
+            )
+        if self.speculative_algorithm == "eagle3" and not self.speculative_draft_model:
+            raise InvalidRequestError(
+                "speculative_algorithm eagle3 needs speculative_draft_model (the draft head's folder)",
+                "speculative_draft_model",
             )
         if self.speculative_algorithm is not None:
             for name in ("num_speculative_tokens", "ngram_min", "speculative_max_batch"):

@@ -254,3 +254,138 @@ def write_gguf(checkpoint: Path, gguf_file: Path, *, quantize: bool = False, arc
     writer.write_tensors_to_file()
     writer.close()
     return Path(gguf_file)
+
+
+def make_eagle3_checkpoint(
+    folder: Path,
+    target: Path,
+    *,
+    draft_vocab_size: int = 96,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    head_dim: int = 16,
+    aux_layer_ids: list[int] | None = None,
+    own_embeddings: bool = False,
+    mirror: bool = False,
+    seed: int = 0,
+) -> Path:
+    """A random-weight EAGLE-3 draft head for a target checkpoint, in the format SGLang and vLLM load.
+
+    config.json names LlamaForCausalLMEagle3 with draft_vocab_size (and eagle_config's aux layer ids
+    when given); the tensors are fc, midlayer.* (q/k/v over 2 x hidden), norm, lm_head over the
+    draft vocabulary, d2t (draft id + d2t = target id) and t2d (which target ids are drafted).
+    Without own_embeddings the head shares the target's embed_tokens, as trained heads usually do.
+
+    mirror: instead of random weights, a head that predicts what a context-free target would: each
+    row attends to itself alone (constant q and k biases, RoPE peaking at distance 0), passes its
+    token's embedding through the target's final norm, and ranks the draft vocabulary with the
+    target's own lm_head rows. Against a target whose layers add little (scale_layers), its drafts
+    are mostly right and sometimes wrong, which is what tests of acceptance need.
+    """
+    from safetensors.torch import save_file
+
+    target_config = read_config_json(target)
+    hidden, vocab = target_config["hidden_size"], target_config["vocab_size"]
+    config = {
+        "architectures": ["LlamaForCausalLMEagle3"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": num_key_value_heads,
+        "head_dim": head_dim,
+        "num_hidden_layers": 1,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": target_config["max_position_embeddings"],
+        "vocab_size": vocab,
+        "draft_vocab_size": draft_vocab_size,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+    }
+    if aux_layer_ids is not None:
+        config["eagle_config"] = {"eagle_aux_hidden_state_layer_ids": aux_layer_ids, "use_aux_hidden_state": True}
+    generator = torch.Generator().manual_seed(seed)
+
+    def weight(*shape: int, norm: bool = False) -> torch.Tensor:
+        noise = torch.randn(shape, generator=generator)
+        return (1.0 + 0.2 * noise) if norm else 0.15 * noise
+
+    q, kv = num_attention_heads * head_dim, num_key_value_heads * head_dim
+    inter = config["intermediate_size"]
+    # The draft vocabulary: the special tokens and a random choice of the rest, in target order.
+    rest = torch.randperm(vocab - 4, generator=generator)[: draft_vocab_size - 4] + 4
+    draft_ids = torch.cat([torch.arange(4), rest.sort().values])
+    t2d = torch.zeros(vocab, dtype=torch.bool)
+    t2d[draft_ids] = True
+    tensors = {
+        "fc.weight": weight(hidden, 3 * hidden),
+        "midlayer.self_attn.q_proj.weight": weight(q, 2 * hidden),
+        "midlayer.self_attn.k_proj.weight": weight(kv, 2 * hidden),
+        "midlayer.self_attn.v_proj.weight": weight(kv, 2 * hidden),
+        "midlayer.self_attn.o_proj.weight": weight(hidden, q),
+        "midlayer.mlp.gate_proj.weight": weight(inter, hidden),
+        "midlayer.mlp.up_proj.weight": weight(inter, hidden),
+        "midlayer.mlp.down_proj.weight": weight(hidden, inter),
+        "midlayer.input_layernorm.weight": weight(hidden, norm=True),
+        "midlayer.hidden_norm.weight": weight(hidden, norm=True),
+        "midlayer.post_attention_layernorm.weight": weight(hidden, norm=True),
+        "norm.weight": weight(hidden, norm=True),
+        "lm_head.weight": weight(draft_vocab_size, hidden),
+        "d2t": draft_ids - torch.arange(draft_vocab_size),
+        "t2d": t2d,
+    }
+    if own_embeddings:
+        tensors["embed_tokens.weight"] = weight(vocab, hidden)
+    if mirror:
+        if kv != hidden or q != hidden:
+            raise ValueError("a mirror head needs as many q and kv heads as hidden / head_dim")
+        _mirror(tensors, config, target, target_config, draft_ids)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def _mirror(tensors: dict, config: dict, target: Path, target_config: dict, draft_ids: torch.Tensor) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(target) / "model.safetensors"))
+    hidden = target_config["hidden_size"]
+    gemma = target_config["model_type"].startswith("gemma")
+    embed = weights["model.embed_tokens.weight"]
+    head = weights.get("lm_head.weight", embed)
+    final_norm = weights["model.norm.weight"] + (1.0 if gemma else 0.0)
+    config.update(attention_bias=True, norm_before_residual=True)
+    zeros = {k: torch.zeros_like(v) for k, v in tensors.items() if k.endswith("proj.weight") or k == "fc.weight"}
+    tensors.update(zeros)
+    # q = k = a constant vector per head: after RoPE their product peaks at distance 0.
+    tensors["midlayer.self_attn.q_proj.bias"] = torch.full((hidden,), 8.0)
+    tensors["midlayer.self_attn.k_proj.bias"] = torch.full((hidden,), 8.0)
+    tensors["midlayer.self_attn.v_proj.bias"] = torch.zeros(hidden)
+    tensors["midlayer.self_attn.o_proj.bias"] = torch.zeros(hidden)
+    tensors["midlayer.self_attn.v_proj.weight"] = torch.cat([torch.eye(hidden), torch.zeros(hidden, hidden)], dim=1)
+    tensors["midlayer.self_attn.o_proj.weight"] = torch.eye(hidden)
+    tensors["midlayer.input_layernorm.weight"] = final_norm.float()
+    tensors["midlayer.hidden_norm.weight"] = torch.zeros(hidden)  # the hidden state adds nothing
+    tensors["norm.weight"] = torch.ones(hidden)
+    tensors["lm_head.weight"] = head[draft_ids].float()
+
+
+def scale_layers(folder: Path, factor: float = 0.3) -> Path:
+    """Scales what each layer adds to the residual stream by about factor, in place. Below 1 the next
+    token depends mostly on the current one (see make_eagle3_checkpoint's mirror); above, less."""
+    from safetensors.torch import load_file, save_file
+
+    file = Path(folder) / "model.safetensors"
+    weights = load_file(str(file))
+    gemma = read_config_json(folder)["model_type"].startswith("gemma")
+    for name, tensor in weights.items():
+        if gemma and name.endswith(("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")):
+            weights[name] = (1.0 + tensor) * factor - 1.0  # Gemma's (1 + w) sandwich norms set the scale
+        elif not gemma and name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = tensor * factor
+    save_file(weights, str(file), metadata={"format": "pt"})
+    return Path(folder)

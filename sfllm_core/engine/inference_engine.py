@@ -85,6 +85,11 @@ class InferenceEngine:
         self.eos_token_ids = set(default_eos_token_ids(self.model_config, self.tokenizer))
         self.attention_backend = self._backend_choice()
         self.model = self._build_model(path)
+        self.draft_config = None  # an EAGLE-3 head's, read before the pool: its K/V share the budget
+        if config.speculative_algorithm == "eagle3":
+            from sfllm_core.models.eagle3 import load_eagle3_config
+
+            self.draft_config = load_eagle3_config(resolve_model_path(config.speculative_draft_model))
 
         model_max = self.model_config.max_position_embeddings
         self.max_context_length = min(config.max_context_length or min(model_max, DEFAULT_MAX_CONTEXT), model_max)
@@ -104,12 +109,14 @@ class InferenceEngine:
             prefill_tokens,
         )
         self.sampler = Sampler(config.seed)
+        self.aux_layers: tuple[int, ...] = ()  # the target layers an EAGLE-3 head reads (set with it)
         self.proposer = self._build_proposer()
         if self.proposer is not None and self.runner.graphs is not None:
             # Eager verify steps launch every kernel from the host: at batch 1 that costs what the drafts save.
             self.runner.enable_verify_graphs(
-                config.num_speculative_tokens + 1, min(config.speculative_max_batch, graph_batch)
+                config.num_speculative_tokens + 1, min(config.speculative_max_batch, graph_batch), self.aux_layers
             )
+        self._aux_step = False  # this step reads the target's hidden states out for the EAGLE-3 head
         self.limits = EngineLimits(self.vocab_size, self.max_context_length, self.pool.page_size, self.pool.num_pages)
         self.grammar = GrammarBackend(self.vocab_size, self.tokenizer)
 
@@ -183,6 +190,14 @@ class InferenceEngine:
             MemoryPool.bytes_per_token, num_kv_heads=mc.num_key_value_heads, head_dim=head_dim, dtype=self.dtype
         )
         full_bpt = bytes_per_token(mc.num_hidden_layers - len(window_layers))
+        if self.draft_config is not None:  # the EAGLE-3 head's layer keeps K/V in the same slots
+            dc = self.draft_config
+            full_bpt += MemoryPool.bytes_per_token(
+                1,
+                dc.num_key_value_heads,
+                getattr(dc, "head_dim", None) or dc.hidden_size // dc.num_attention_heads,
+                self.dtype,
+            )
         window_bpt = bytes_per_token(len(window_layers))
         pages_per_seq = -(-self.max_context_length // cfg.page_size)
         # Window pages for max_num_seqs sequences each at its most (a window plus a chunk) suffice.
@@ -230,7 +245,43 @@ class InferenceEngine:
             from sfllm_core.engine.ngram import NgramProposer
 
             return NgramProposer(config.num_speculative_tokens, config.ngram_max, config.ngram_min)
+        if config.speculative_algorithm == "eagle3":
+            return self._build_eagle3()
         raise ValueError(f"unknown speculative algorithm {config.speculative_algorithm!r}")
+
+    def _build_eagle3(self) -> DraftProposer:
+        """The EAGLE-3 proposer: its head loaded (random with load_format dummy), the target told
+        which layers' hidden states to hand out."""
+        from sfllm_core.engine.eagle3 import Eagle3Proposer
+        from sfllm_core.models.eagle3 import Eagle3DraftModel, aux_layers_of, load_eagle3_weights
+
+        config, mc = self.config, self.model_config
+        dummy = config.load_format == "dummy"
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device), contextlib.nullcontext() if dummy else uninitialized_parameters():
+                head = Eagle3DraftModel(
+                    self.draft_config,
+                    mc.hidden_size,
+                    self.max_context_length,
+                    use_triton=self.attention_backend == "triton",
+                )
+        finally:
+            torch.set_default_dtype(previous)
+        embedding = self.model.model.embed_tokens
+        if dummy:
+            head.embed_tokens = embedding
+        else:
+            load_eagle3_weights(head, resolve_model_path(config.speculative_draft_model), embedding, self.dtype)
+        head.fuse_projections()
+        head = head.eval().requires_grad_(False)
+        self.aux_layers = aux_layers_of(self.draft_config, mc.num_hidden_layers)
+        num_slots = (self.pool.num_pages + 1) * self.pool.page_size
+        return Eagle3Proposer(
+            config.num_speculative_tokens, head, self.runner.backend, num_slots, self.pool.page_size,
+            self.device, self.dtype,
+        )  # fmt: skip
 
     def _backend_choice(self) -> str:
         """The attention backend by name ("triton" or "torch"): auto means Triton on CUDA."""
@@ -424,10 +475,21 @@ class InferenceEngine:
             outputs += self._propose()
         batch = self.scheduler.schedule()
         pending, self._pending = self._pending, None
+        aux = self._aux_step
+        if aux and batch.seqs:
+            try:  # the EAGLE-3 head drafts now that the verify step has its pages
+                self.proposer.fill_drafts(batch.seqs)
+            except Exception as exc:
+                return outputs + self._fail(batch, exc)
         if any(s.draft_ids for s in batch.seqs):
             assert pending is None, "drafts are proposed only once every token is read"
             return outputs + self._verify(batch)
-        if batch.seqs and self.runner.graph_fits(batch) and not any(self.sampler.needs_host(s) for s in batch.seqs):
+        if (
+            batch.seqs
+            and not aux
+            and self.runner.graph_fits(batch)
+            and not any(self.sampler.needs_host(s) for s in batch.seqs)
+        ):
             return outputs + self._launch_overlapped(batch, pending)
         if pending is not None:
             outputs += self._resolve(pending)
@@ -436,7 +498,10 @@ class InferenceEngine:
         if not batch.seqs:
             return outputs
         try:
-            logits, rows = self.runner.execute(batch)
+            if aux:
+                logits, rows, hidden, starts = self.runner.execute_aux(batch, self.aux_layers)
+            else:
+                logits, rows = self.runner.execute(batch)
             self.scheduler.commit(batch)
             sampled = [batch.seqs[r] for r in rows]
             tokens, logprobs = self.sampler(logits, sampled) if sampled else ([], [])
@@ -445,6 +510,8 @@ class InferenceEngine:
         for seq, token, logprob in zip(sampled, tokens, logprobs):
             seq.token_ids.append(token)
             outputs.append(self._accept_tokens(seq, seq.num_tokens - 1, [logprob]))
+        if aux:
+            outputs += self._catch_up(batch, hidden, starts)
         return outputs
 
     # ---- speculative decoding -----------------------------------------------------------------
@@ -461,12 +528,20 @@ class InferenceEngine:
             for s in self.scheduler.running
             if s.params.constraint is None and s.num_computed_tokens + 1 == s.num_tokens
         ]
-        if not decoding or len(decoding) > self.config.speculative_max_batch:
-            return []
-        due = [s for s in decoding if self.proposer.wants(s)]
-        if not due:
+        self._aux_step = False
+        if len(decoding) > self.config.speculative_max_batch:
             return []
         outputs = []
+        if self.aux_layers:
+            # An EAGLE-3 head's step: the target hands out its hidden states, so it runs eagerly
+            # or from verify graphs, never overlapped; prefill-only steps too (the head reads the prompt).
+            self._aux_step = True
+            if self._pending is not None:
+                outputs = self._resolve(self._pending)
+                self._pending = None
+        due = [s for s in decoding if self.proposer.wants(s)]
+        if not due:
+            return outputs
         if self._pending is not None:
             outputs = self._resolve(self._pending)
             self._pending = None
@@ -484,8 +559,12 @@ class InferenceEngine:
     def _verify(self, batch: ScheduledBatch) -> list[StepOutput]:
         """A step where some sequences feed drafts: sample every row, keep each sequence's drafts
         while they match, give back the pages of the rest, and report every kept token."""
+        aux = self._aux_step
         try:
-            logits, rows = self.runner.execute(batch)
+            if aux:
+                logits, rows, hidden, starts = self.runner.execute_aux(batch, self.aux_layers)
+            else:
+                logits, rows = self.runner.execute(batch)
             sampled = [batch.seqs[r] for r in rows]
             tokens, logprobs = self.sampler(logits, sample_rows(sampled)) if sampled else ([], [])
         except Exception as exc:
@@ -508,7 +587,24 @@ class InferenceEngine:
                 batch.num_new_tokens[r] = 1 + accepted  # the K/V kept: the last token's and the accepted drafts'
                 self.pool.truncate(seq, seq.num_tokens)  # rejected drafts' pages go back
         self.scheduler.commit(batch)
-        return [self._accept_tokens(seq, first, lps) for seq, first, lps in settled]
+        outputs = [self._accept_tokens(seq, first, lps) for seq, first, lps in settled]
+        if aux:
+            outputs += self._catch_up(batch, hidden, starts)
+        return outputs
+
+    def _catch_up(self, batch: ScheduledBatch, hidden: torch.Tensor, starts: list[int]) -> list[StepOutput]:
+        """Feed the EAGLE-3 head the rows of a committed aux step that its sequences kept (after
+        rejections: the last token and the accepted drafts), with the target's hidden states."""
+        entries = []
+        for seq, n, start in zip(batch.seqs, batch.num_new_tokens, starts):
+            if seq.is_finished or seq.params.constraint is not None:
+                continue
+            entries.append((seq, seq.num_computed_tokens - n, hidden[start : start + n]))
+        try:
+            self.proposer.catch_up(entries)
+        except Exception as exc:
+            return self._fail([e[0] for e in entries], exc)
+        return []
 
     def _launch_overlapped(self, batch: ScheduledBatch, pending: "_PendingStep | None") -> list[StepOutput]:
         try:

@@ -24,6 +24,7 @@ from sfllm_core.engine.scheduler import ScheduledBatch
 from sfllm_core.engine.verify_graphs import VerifyGraphs
 from sfllm_core.layers.attention import AttentionBackend, BatchMetadata
 from sfllm_core.models.common import ForwardContext
+from sfllm_core.models.eagle3 import concat_aux
 from sfllm_core.outputs import TokenLogprob
 
 logger = logging.getLogger("sfllm.runner")
@@ -138,11 +139,12 @@ class ModelRunner:
         if self.device.type == "cuda":
             self.prefill.capture()
 
-    def enable_verify_graphs(self, tokens_per_seq: int, max_batch: int) -> None:
+    def enable_verify_graphs(self, tokens_per_seq: int, max_batch: int, aux_layers: tuple[int, ...] = ()) -> None:
         """Run verify steps of up to max_batch decoding sequences padded to tokens_per_seq each,
-        from CUDA graphs (captured here) on CUDA, eagerly elsewhere (where tests check the padding)."""
+        from CUDA graphs (captured here) on CUDA, eagerly elsewhere (where tests check the padding).
+        With aux_layers, they also hand out those layers' hidden states (see execute_aux)."""
         max_pages = -(-self.max_context_length // self.pool.page_size)
-        self.verify = VerifyGraphs(self, graph_batch_sizes(max_batch), tokens_per_seq, max_pages)
+        self.verify = VerifyGraphs(self, graph_batch_sizes(max_batch), tokens_per_seq, max_pages, aux_layers)
         if self.device.type == "cuda":
             self.verify.capture()
 
@@ -314,6 +316,38 @@ class ModelRunner:
                 for j in range(i, i + count)
             )
             i += count
+
+    @torch.inference_mode()
+    def execute_aux(
+        self, batch: ScheduledBatch, aux_layers: tuple[int, ...]
+    ) -> tuple[torch.Tensor | None, list[int], torch.Tensor, list[int]]:
+        """`execute`, also handing out the residual stream entering aux_layers (an EAGLE-3 head's).
+
+        Returns logits and sample_rows as `execute` does, the hidden states [rows, 3 x hidden]
+        (concatenated in aux_layers' order) and the row of each batch sequence's first fed token.
+        Decode graphs never hand them out: such steps run as verify steps (graphs captured with
+        aux_layers) or eagerly.
+        """
+        if self.verify is not None and self.verify.aux_layers == aux_layers and self.verify.fits(batch):
+            logits = self.verify.run(batch)
+            return (
+                logits,
+                list(range(len(batch.seqs))),
+                self.verify.last_aux,
+                [i * self.verify.q for i in range(len(batch))],
+            )
+        input_ids, meta, sample_rows = self.prepare(batch)
+        self.backend.prepare(meta)
+        if meta.window is not None:
+            self.backend.prepare(meta.window)
+        ctx = ForwardContext(self.backend, meta, self.pool.kv_caches, aux_layers=aux_layers)
+        hidden = self.model(input_ids, meta.positions, ctx)
+        self._prompt_logprobs(batch, hidden)
+        starts = np.cumsum([0] + batch.num_new_tokens[:-1]).tolist()
+        aux = concat_aux(aux_layers, ctx.aux_hidden)
+        if not sample_rows:
+            return None, sample_rows, aux, starts
+        return self.model.compute_logits(hidden[meta.logits_indices]), sample_rows, aux, starts
 
     def graph_fits(self, batch: ScheduledBatch) -> bool:
         """A pure decode batch no larger than the largest captured graph."""

@@ -10,6 +10,10 @@ of the real rows are gathered in order, as the eager path returns them.
 
 On the CPU the same buffers run eagerly (`VerifyGraphs.run` without capture): tests check the
 padding there against the ragged path.
+
+With aux_layers (an EAGLE-3 head's), the graphs also hand out the target's residual stream
+entering those layers, concatenated per row (`last_aux`, [size * q, 3 x hidden], padded as the
+rows are), read before the next replay overwrites it.
 """
 
 import logging
@@ -22,6 +26,7 @@ import torch
 from sfllm_core.engine.scheduler import ScheduledBatch
 from sfllm_core.layers.attention import BatchMetadata
 from sfllm_core.models.common import ForwardContext
+from sfllm_core.models.eagle3 import concat_aux
 
 logger = logging.getLogger("sfllm.runner")
 
@@ -29,8 +34,10 @@ logger = logging.getLogger("sfllm.runner")
 class VerifyGraphs:
     """Static buffers of verify steps of q tokens per sequence, and one graph per ladder size."""
 
-    def __init__(self, runner, sizes: list[int], q: int, max_pages: int) -> None:
+    def __init__(self, runner, sizes: list[int], q: int, max_pages: int, aux_layers: tuple[int, ...] = ()) -> None:
         self.runner = runner
+        self.aux_layers = aux_layers
+        self.last_aux: torch.Tensor | None = None
         self.sizes, self.q = sizes, q
         pool, dev = runner.pool, runner.device
         n = sizes[-1]
@@ -88,14 +95,15 @@ class VerifyGraphs:
             )
         return meta
 
-    def _forward(self, size: int, meta: BatchMetadata) -> torch.Tensor:
+    def _forward(self, size: int, meta: BatchMetadata) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         runner = self.runner
         runner.backend.prepare(meta)
         if meta.window is not None:
             runner.backend.prepare(meta.window)
-        ctx = ForwardContext(runner.backend, meta, runner.pool.kv_caches)
+        ctx = ForwardContext(runner.backend, meta, runner.pool.kv_caches, aux_layers=self.aux_layers)
         hidden = runner.model(self.inputs[0, : size * self.q], meta.positions, ctx)
-        return runner.model.compute_logits(hidden)
+        logits = runner.model.compute_logits(hidden)
+        return (logits, concat_aux(self.aux_layers, ctx.aux_hidden)) if self.aux_layers else logits
 
     def capture(self) -> None:
         start = time.perf_counter()
@@ -172,6 +180,9 @@ class VerifyGraphs:
         rows = torch.tensor(keep, dtype=torch.int64).to(self.runner.device, non_blocking=True)
         if size in self.graphs:
             self.graphs[size].replay()
-            return self.outputs[size][rows]
-        # No graph (the CPU): the same padded step, eagerly.
-        return self._forward(size, self.meta(size, seq_lens[:size].tolist()))[rows]
+            out = self.outputs[size]
+        else:  # no graph (the CPU): the same padded step, eagerly
+            out = self._forward(size, self.meta(size, seq_lens[:size].tolist()))
+        if self.aux_layers:
+            out, self.last_aux = out
+        return out[rows]

@@ -1,0 +1,180 @@
+"""EAGLE-3 drafts: a one-layer draft head reads the target's hidden states and drafts a chain of tokens.
+
+Chain drafting, greedy (topk 1): every draft is the head's argmax, a point-mass proposal, so the
+verify step's acceptance rule (engine/speculative.py) keeps greedy and seeded outputs exactly.
+
+The head keeps its own K/V, one layer's worth, in tensors of its own that follow the target's
+pages: the K/V of a sequence's position p sits in the slot of p in the sequence's page table. So
+the head needs no page of its own, and when the target gives rejected drafts' pages back
+(MemoryPool.truncate) nothing of the head's is left holding one.
+
+Per sequence, with L tokens known after a step (the last one just sampled):
+- catch-up, right after every target step that ran with the target's hidden states (an "aux
+  step"): one row per position p the step kept, (token p + 1, the target's hidden state at p);
+  it writes the head's K/V of those positions, and its last row (p = L - 2, whose token is the one
+  just sampled) gives the first draft d1 and the head's own hidden state g1;
+- drafting, in the next step once the scheduler has given the verify step its pages: rows at
+  positions L - 1, L, ... of (d_j, g_j), each giving d_(j+1). Those K/V are the head's guesses;
+  the next catch-up writes the true rows over them.
+
+Steps with more decoding sequences than speculative_max_batch run as without speculation (decode
+graphs, no hidden states read out): the head's K/V of those positions stay unwritten (stale), which
+lowers later acceptance for the sequences that lived through them but never changes a token.
+"""
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from sfllm_core.engine.request_sequence import RequestSequence
+from sfllm_core.engine.speculative import DraftProposer
+from sfllm_core.layers.attention import AttentionBackend, BatchMetadata
+from sfllm_core.models.common import ForwardContext
+from sfllm_core.models.eagle3 import Eagle3DraftModel
+
+logger = logging.getLogger("sfllm.engine")
+
+# Stands in draft_ids between proposing (how many drafts) and drafting (which ones), once the
+# scheduler has given the verify step its pages.
+PLACEHOLDER = 0
+
+
+class _HeadState:
+    """Per sequence: the first draft and the head's hidden state after it, valid at num_tokens == length."""
+
+    __slots__ = ("length", "first", "hidden")
+
+    def __init__(self, length: int, first: int, hidden: torch.Tensor) -> None:
+        self.length, self.first, self.hidden = length, first, hidden
+
+
+class Eagle3Proposer(DraftProposer):
+    """Chain drafts of up to k tokens from an EAGLE-3 head over the target's hidden states."""
+
+    needs_aux = True  # the engine reads the target's hidden states out in the steps it drafts for
+
+    def __init__(
+        self,
+        num_speculative_tokens: int,
+        head: Eagle3DraftModel,
+        backend: AttentionBackend,
+        num_slots: int,
+        page_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__(num_speculative_tokens)
+        self.head = head
+        self.backend = backend
+        self.page_size = page_size
+        self.device = device
+        shape = (num_slots, head.num_kv_heads, head.head_dim)
+        self.kv = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        self.num_head_forwards = 0  # draft head passes run (catch-ups and drafting steps)
+        self.head_seconds = 0.0  # host time spent in them (the device's too where it synchronises)
+
+    # ---- the DraftProposer interface ------------------------------------------------------------
+
+    def draft(self, seq: RequestSequence, limit: int) -> list[int]:
+        """Placeholders for as many drafts as the head can make now (the tokens come in fill_drafts)."""
+        state = seq.drafter_state.get("eagle3") if seq.drafter_state else None
+        if state is None or state.length != seq.num_tokens or limit <= 0:
+            return []
+        return [PLACEHOLDER] * min(limit, self.k)
+
+    def propose(self, seq: RequestSequence, limit: int) -> list[int]:
+        # No first draft yet (a step without hidden states came between) is no miss: don't back off.
+        return self.draft(seq, min(limit, self.k)) if limit > 0 else []
+
+    # ---- the head's passes ----------------------------------------------------------------------
+
+    def _meta(self, seqs: list[RequestSequence], firsts: list[int], counts: list[int]) -> BatchMetadata:
+        page_size = self.page_size
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens = [f + n for f, n in zip(firsts, counts)]
+        max_pages = -(-max(seq_lens) // page_size)
+        for seq, first, n in zip(seqs, firsts, counts):
+            pos = np.arange(first, first + n)
+            positions += pos.tolist()
+            slots += (seq.page_row[pos // page_size].astype(np.int64) * page_size + pos % page_size).tolist()
+        query_start = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        dev = self.device
+        decode = all(n == 1 for n in counts)
+        return BatchMetadata(
+            positions=torch.tensor(positions, dtype=torch.int64).to(dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev),
+            query_start_loc=torch.tensor(query_start, dtype=torch.int32).to(dev),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev),
+            page_table=torch.from_numpy(np.stack([s.page_row[:max_pages] for s in seqs])).to(dev),
+            logits_indices=torch.tensor(np.array(query_start[1:]) - 1, dtype=torch.int64).to(dev),
+            page_size=page_size,
+            num_decodes=len(seqs) if decode else 0,
+            max_query_len=max(counts),
+            max_seq_len=max(seq_lens),
+            seq_lens_cpu=seq_lens,
+            query_lens_cpu=list(counts),
+        )
+
+    def _run(self, input_ids: list[int], hidden: torch.Tensor, meta: BatchMetadata):
+        start = time.perf_counter()
+        self.backend.prepare(meta)
+        ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device)
+        normed, prenorm = self.head(ids, meta.positions, hidden, ForwardContext(self.backend, meta, []), self.kv)
+        self.num_head_forwards += 1
+        self.head_seconds += time.perf_counter() - start
+        return normed, prenorm
+
+    @torch.inference_mode()
+    def catch_up(self, entries: list[tuple[RequestSequence, int, torch.Tensor]]) -> None:
+        """Feed the head the rows a target step kept: (seq, first position, the target's hidden
+        states [n, 3 x hidden] at first..first + n - 1). Sequences whose last row is their newest
+        position get their first draft for the next step."""
+        if not entries:
+            return
+        seqs = [e[0] for e in entries]
+        firsts = [e[1] for e in entries]
+        counts = [e[2].shape[0] for e in entries]
+        input_ids: list[int] = []
+        for seq, first, n in zip(seqs, firsts, counts):
+            input_ids += seq.token_ids[first + 1 : first + n + 1]
+        meta = self._meta(seqs, firsts, counts)
+        hidden = torch.cat([e[2] for e in entries]) if len(entries) > 1 else entries[0][2]
+        normed, prenorm = self._run(input_ids, hidden, meta)
+        last = meta.logits_indices
+        boundary = [i for i, (s, f, n) in enumerate(zip(seqs, firsts, counts)) if f + n == s.num_tokens - 1]
+        if not boundary:
+            return
+        rows = last[torch.tensor(boundary, dtype=torch.int64, device=last.device)]
+        firsts_drafted = self.head.greedy_tokens(normed[rows]).tolist()
+        hidden_rows = prenorm[rows]
+        for j, i in enumerate(boundary):
+            seq = seqs[i]
+            if seq.drafter_state is None:
+                seq.drafter_state = {}
+            seq.drafter_state["eagle3"] = _HeadState(seq.num_tokens, firsts_drafted[j], hidden_rows[j])
+
+    @torch.inference_mode()
+    def fill_drafts(self, seqs: list[RequestSequence]) -> None:
+        """Replace the placeholder drafts of scheduled sequences by the head's chain of drafts."""
+        drafted = [s for s in seqs if s.draft_ids]
+        if not drafted:
+            return
+        states = [s.drafter_state["eagle3"] for s in drafted]
+        for seq, state in zip(drafted, states):
+            seq.draft_ids[0] = state.first
+        hidden = torch.stack([st.hidden for st in states])
+        live = list(range(len(drafted)))
+        for j in range(1, max(len(s.draft_ids) for s in drafted)):
+            keep = [i for i, r in enumerate(live) if len(drafted[r].draft_ids) > j]
+            if len(keep) < len(live):
+                hidden = hidden[torch.tensor(keep, dtype=torch.int64, device=hidden.device)]
+                live = [live[i] for i in keep]
+            group = [drafted[r] for r in live]
+            # Row j of a sequence with L tokens sits at position L - 2 + j and feeds draft j.
+            meta = self._meta(group, [s.num_tokens - 2 + j for s in group], [1] * len(group))
+            normed, hidden = self._run([s.draft_ids[j - 1] for s in group], hidden, meta)
+            for seq, token in zip(group, self.head.greedy_tokens(normed).tolist()):
+                seq.draft_ids[j] = token
