@@ -1,6 +1,7 @@
 """On a GPU: Triton attention + CUDA graphs give the same greedy tokens as the plain-PyTorch path."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -151,28 +152,30 @@ def test_overlapped_decode_stops_where_the_plain_path_stops(which, qwen3_path, g
 
 
 @pytest.mark.parametrize("which", ["qwen3", "gemma3"])
-def test_prefill_graphs_float32_identical(which, qwen3_path, gemma3_path):
+def test_prefill_graphs_float32_agree(which, qwen3_path, gemma3_path):
     """Lone prefills replayed from graphs, and prefills that join decoding sequences (decode graph
-    plus prefill graph in one step): the plain path's tokens, and every page back."""
+    plus prefill graph in one step): the plain path's tokens until a float32 near-tie (a padded
+    chunk's GEMMs may round differently), and every page back."""
     path = str(qwen3_path if which == "qwen3" else gemma3_path)
     fast, plain = _engines(path, "float32", kv_cache_memory_gb=0.5, max_num_seqs=16, cuda_graph_max_batch=16)
     assert fast.runner.prefill is not None
     prompts = _prompts(fast.vocab_size, [19, 5, 33, 12, 70, 27, 130, 40, 64, 3])
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    want = [o.token_ids for o in plain.generate(prompts, params)]
-    assert [fast.generate([p], params)[0].token_ids for p in prompts] == want
-    alone = fast.runner.prefill.num_replays
-    assert alone >= 8
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2)
+    want = plain.generate(prompts, params)
+    alone = [fast.generate([p], params)[0] for p in prompts]
+    assert fast.runner.prefill.num_replays >= 8
     # Staggered arrivals: each request is added while the ones before it decode.
-    outputs: dict[str, list[int]] = {}
+    seqs = []
     for i, p in enumerate(prompts):
-        fast.add_request(str(i), p, params)
+        seqs.append(fast.make_sequence(str(i), p, params))
+        fast.submit(seqs[-1])
         for _ in range(3):
-            for out in fast.step():
-                outputs.setdefault(out.request_id, []).extend(out.token_ids)
+            fast.step()
     while fast.has_work():
-        for out in fast.step():
-            outputs.setdefault(out.request_id, []).extend(out.token_ids)
-    assert [outputs[str(i)] for i in range(len(prompts))] == want
+        fast.step()
     assert fast.runner.prefill.num_joined > 0, "no prefill joined decoding sequences"
+    staggered = [SimpleNamespace(token_ids=s.output_token_ids, logprobs=s.logprobs) for s in seqs]
+    for got in (alone, staggered):
+        agreed = [assert_agree_until_a_near_tie(a, b, gap=1e-3, logprob_tol=1e-3) for a, b in zip(got, want)]
+        assert sum(agreed) >= 0.9 * 24 * len(prompts), agreed
     assert fast.pool.num_used_pages == 0
