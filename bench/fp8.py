@@ -46,6 +46,8 @@ engine_bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(engine_bench)
 
 SCHEMES = ("channel", "block")
+# "+lm_head": EngineConfig.fp8_lm_head, the output projection in FP8 too.
+ACCURACY_VARIANTS = ("channel", "block", "channel+lm_head")
 LOGIT_STD = 4.0
 # Speed parts per model: the 0.6B question is only "batch 1 no slower than bf16".
 SPEED_PARTS = {"qwen3-0.6b": ["b"], "qwen3-8b": ["b", "c", "a"]}
@@ -68,14 +70,15 @@ def realistic_init(model: nn.Module, config, seed: int = 0) -> None:
 
 
 @contextlib.contextmanager
-def quantized(model: nn.Module, scheme: str):
-    """The model with its projections FP8 while inside; the dense layers are put back after."""
+def quantized(model: nn.Module, scheme: str, lm_head: bool = False):
+    """The model with its projections (and lm_head) FP8 while inside; the dense layers are put back after."""
+    skip = () if lm_head else UNQUANTIZED
     swaps = [
         (name, module)
         for name, module in model.named_modules()
         if isinstance(module, nn.Linear)
         and isinstance(module.weight, nn.Parameter)
-        and name.rpartition(".")[2] not in UNQUANTIZED
+        and name.rpartition(".")[2] not in skip
     ]
 
     def put(name: str, module: nn.Module) -> None:
@@ -165,8 +168,8 @@ def accuracy(name: str, config) -> dict:
     ref_prefill = torch.cat([prefill_logits(engine, p) for p in prompts])
     ref_decode, forced = decode_logits(engine, decode_prompt, 128, None)
     out = {}
-    for scheme in SCHEMES:
-        with quantized(engine.model, scheme):
+    for scheme in ACCURACY_VARIANTS:
+        with quantized(engine.model, scheme.removesuffix("+lm_head"), lm_head=scheme.endswith("+lm_head")):
             got_prefill = torch.cat([prefill_logits(engine, p) for p in prompts])
             got_decode, _ = decode_logits(engine, decode_prompt, 128, forced)
         out[scheme] = {"prefill": compare(ref_prefill, got_prefill), "decode": compare(ref_decode, got_decode)}
@@ -250,12 +253,12 @@ def _sweep(fw: Fp8Weight, x: torch.Tensor, us: float, config: tuple) -> tuple[fl
 def speed(name: str, config, bw: float, seqs: int) -> dict:
     parts = SPEED_PARTS.get(name, ["b"])
     out = {}
-    for variant, overrides in [
-        ("bf16", {}),
-        *((f"fp8-{s}", {"quantization": "fp8", "fp8_scheme": s}) for s in SCHEMES),
-    ]:
+    variants = [("bf16", {}, parts), *((f"fp8-{s}", {"quantization": "fp8", "fp8_scheme": s}, parts) for s in SCHEMES)]
+    # The whole model in FP8, lm_head included: batch 1 only, where its bytes count most.
+    variants.append(("fp8-channel+lm", {"quantization": "fp8", "fp8_scheme": "channel", "fp8_lm_head": True}, ["b"]))
+    for variant, overrides, variant_parts in variants:
         start = time.perf_counter()
-        out[variant] = engine_bench.ours(name, config, parts, seqs, bw, c_batches=(256,), **overrides)
+        out[variant] = engine_bench.ours(name, config, variant_parts, seqs, bw, c_batches=(256,), **overrides)
         out[variant]["wall_s"] = time.perf_counter() - start
         print(name, "speed", variant, out[variant], flush=True)
     return out
@@ -268,15 +271,15 @@ def print_tables(results: dict) -> None:
     print(f"\n{results['device']}, copy bandwidth {results['copy_bandwidth_TBps']:.2f} TB/s, torch {results['torch']}")
     acc = {m: r["accuracy"] for m, r in results["models"].items() if "accuracy" in r}
     if acc:
-        print("FP8 logits against bf16 (same random weights; lm_head bf16):")
-        print(f"{'model':<11} | {'scheme':<7} | {'path':<19} | {'pos':>5} | {'cos mean':>8} | {'cos min':>7} | "
+        print("FP8 logits against bf16 (same random weights; lm_head stays bf16 but in +lm_head):")
+        print(f"{'model':<11} | {'scheme':<15} | {'path':<19} | {'pos':>5} | {'cos mean':>8} | {'cos min':>7} | "
               f"{'top-1':>6} | {'KL':>8} | {'bf16 ties':>9}")  # fmt: skip
         for model, by_scheme in acc.items():
             for scheme, paths in by_scheme.items():
                 for path, r in paths.items():
                     label = "prefill (W8A8 GEMM)" if path == "prefill" else "decode (GEMV)"
                     print(
-                        f"{model:<11} | {scheme:<7} | {label:<19} | {r['positions']:>5} | {r['cosine_mean']:>8.5f} | "
+                        f"{model:<11} | {scheme:<15} | {label:<19} | {r['positions']:>5} | {r['cosine_mean']:>8.5f} | "
                         f"{r['cosine_min']:>7.4f} | {r['top1_agreement']:>6.3f} | {r['kl_mean']:>8.5f} | "
                         f"{r['ref_near_ties']:>9.2f}"
                     )
@@ -296,14 +299,14 @@ def print_tables(results: dict) -> None:
     ]
     speeds = {m: r["speed"] for m, r in results["models"].items() if "speed" in r}
     if speeds:
-        variants = ["bf16", *(f"fp8-{s}" for s in SCHEMES)]
+        variants = ["bf16", *(f"fp8-{s}" for s in SCHEMES), "fp8-channel+lm"]
         print("Speed (floors: weights + KV bytes over the copy bandwidth; fp8 floor counts lm_head in bf16):")
-        print(f"{'model':<11} | {'figure':<24} | " + " | ".join(f"{v:>11}" for v in variants) + " | floor bf16/fp8")
+        print(f"{'model':<11} | {'figure':<24} | " + " | ".join(f"{v:>14}" for v in variants) + " | floor bf16/fp8")
         for model, by_variant in speeds.items():
             for key, label, floor_key in figures:
-                if not any(key in by_variant[v] for v in variants):
+                if not any(key in by_variant.get(v, {}) for v in variants):
                     continue
-                values = " | ".join(f"{by_variant[v].get(key, float('nan')):>11.3f}" for v in variants)
+                values = " | ".join(f"{by_variant.get(v, {}).get(key, float('nan')):>14.3f}" for v in variants)
                 floors = ""
                 if floor_key:
                     bf16_floor, fp8_floor = (

@@ -29,6 +29,9 @@ class EngineConfig:
     # How --quantization fp8 quantizes a dense checkpoint: "channel" (a scale per output row) or
     # "block" (per 128x128 block, as Qwen's FP8 checkpoints are). Pre-quantized ones keep their own.
     fp8_scheme: str = "channel"
+    # FP8 for the output projection too (fp8_scheme): a decode step reads 0.6 GB less on Qwen3-8B,
+    # at some cost to the logits' precision. Off: it stays in dtype, as Qwen's FP8 checkpoints keep it.
+    fp8_lm_head: bool = False
     device: str = "auto"  # auto: cuda when available
     max_context_length: int | None = None  # default: the model's, capped at 8192 tokens
     page_size: int = 16

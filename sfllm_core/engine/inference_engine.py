@@ -165,11 +165,11 @@ class InferenceEngine:
         # Loading needs the checkpoint's separate q/k/v and gate/up tensors; serving wants one GEMM each.
         model.fuse_projections()
         if self.quantization == "fp8":
-            from sfllm_core.layers.fp8 import quantize_linears
+            from sfllm_core.layers.fp8 import UNQUANTIZED, quantize_linears
 
             # Dense projections (a bfloat16 checkpoint, random weights) become FP8 here, merged ones
             # whole; a pre-quantized checkpoint's came as stored, on the host.
-            quantize_linears(model, self.config.fp8_scheme)
+            quantize_linears(model, self.config.fp8_scheme, skip=() if self.config.fp8_lm_head else UNQUANTIZED)
             model.to(self.device)
         return model.eval().requires_grad_(False)
 

@@ -11,6 +11,8 @@ The Triton kernel takes any layout, so it is also the fallback for shapes cuBLAS
 Everything is launched without host synchronisation, so it can be captured in a CUDA graph.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -220,6 +222,11 @@ def triton_fp8_gemm(
     return out
 
 
+@functools.cache
+def _has_fp8_mma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
 def _rowwise_fits(q: torch.Tensor, weight: torch.Tensor, block_n: int, out_dtype: torch.dtype) -> bool:
     n, k = weight.shape
     return (
@@ -228,7 +235,7 @@ def _rowwise_fits(q: torch.Tensor, weight: torch.Tensor, block_n: int, out_dtype
         and out_dtype == torch.bfloat16
         and k % 16 == 0
         and n % 16 == 0
-        and torch.cuda.get_device_capability(q.device) >= (8, 9)
+        and _has_fp8_mma(q.device.index if q.device.index is not None else torch.cuda.current_device())
     )
 
 

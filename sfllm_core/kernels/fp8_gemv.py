@@ -22,9 +22,10 @@ from sfllm_core.kernels.pdl import pdl_launch
 
 MAX_ROWS = 4
 ACTIVATIONS = {None: 0, "silu": 1, "gelu_tanh": 2}
-# Elements of the weight tile a program multiplies per chunk (BLOCK_N x BLOCK_K), and per row of x
-# with more rows, as in kernels/gemv.py: 4096 fp32 products over 4 warps is 32 per thread.
-_TILE = 4096
+# Bytes (= elements) of the weight chunk a program loads per step (BLOCK_N x BLOCK_K): 8 KB, and as
+# much again prefetched; with two or more programs per SM that keeps some 32 KB per SM in flight,
+# what Little's law asks of HBM3e at ~1 us latency. 8 warps hold it as 32 fp32 values per thread.
+_TILE = 8192
 _num_sms: dict[int, int] = {}
 
 
@@ -238,12 +239,13 @@ def launch_config(rows: int, n: int, k: int, blockwise: bool, sms: int) -> tuple
     block_n = 32
     while block_n > 1 and triton.cdiv(n, block_n) < 2 * sms:
         block_n //= 2
-    budget = max(_TILE // triton.next_power_of_2(rows), 512)
+    # Rows of x reuse the same weight chunk one after another: only 3-4 rows shrink the chunk.
+    budget = _TILE if rows <= 2 else _TILE // 2
     block_k = min(triton.next_power_of_2(k), max(budget // block_n, 64))
     if blockwise:
         block_k = max(block_k, 128)
         block_n = max(1, min(block_n, budget // block_k))
-    num_warps = 4 if block_n * block_k <= _TILE else 8
+    num_warps = 4 if block_n * block_k <= 4096 else 8
     return block_n, block_k, num_warps
 
 
