@@ -10,9 +10,19 @@ catches; the acceptance rate printed is what the drafts actually got, so read th
 
 Tokens/s counts decode only: each request is timed at NEW and at 1 new token, and the difference
 is divided by NEW - 1. Prints a table, last.
+
+--eagle3-cost (no trained head is reachable here): the cost of EAGLE-3's parts at batch 1 on a
+model shape with random weights (Qwen3-8B by default, a tiny one with --tiny), and from them the
+tokens/s it would reach at published acceptance lengths (a projection, labelled as such). It times
+the plain decode step and, with a random head (whose drafts are nearly all rejected, so each
+verify step yields one token), the whole speculative step; then the step's parts one by one: the
+verify pass of k + 1 tokens (from its CUDA graph, hidden states read out), the head's catch-up
+over the kept rows and one drafting pass of the head.
 Usage:
   PYTHONPATH=. .venv/bin/python bench/speculative.py --tiny                # CPU, a tiny random Qwen3
   PYTHONPATH=. python bench/speculative.py --model PATH [--device cuda] [--batches 1 64]
+  PYTHONPATH=. python bench/speculative.py --eagle3-cost --device cuda [--k 4]   # Qwen3-8B shape
+  PYTHONPATH=. .venv/bin/python bench/speculative.py --eagle3-cost --tiny      # CPU smoke size
 """
 
 import argparse
@@ -115,6 +125,133 @@ def reference_model(path: str, dtype: torch.dtype, device: str):
     return model.to(device=device, dtype=dtype).eval()
 
 
+# Qwen3-8B (config.json of Qwen/Qwen3-8B) and an EAGLE-3 head of its width with a 32k draft vocabulary,
+# as the published Qwen3-8B heads have.
+QWEN3_8B = dict(
+    vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+    num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}, tie_word_embeddings=False,
+)  # fmt: skip
+TINY = dict(
+    vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
+)  # fmt: skip
+# Mean acceptance lengths (tokens per verify step) published for EAGLE-3 heads: AngelSlim's benchmark
+# of its Qwen3-8B head (angelslim.readthedocs.io, performance/speculative_decoding/benchmarks: 1.99 mean
+# over GSM8K, Alpaca, HumanEval, MT-bench); the issue's SGLang figure for Qwen3-8B on an H200 (187 ->
+# 365 tok/s, 1.95x, so at least that); and chains of k = 4 at 3 and 4 for what a better head would give.
+PUBLISHED_ACCEPTANCE = (1.99, 3.0, 4.0)
+PLAIN_MS_PER_TOKEN = 4.79  # today's Qwen3-8B batch-1 decode on the H200 (issue 13)
+
+
+def _synced(device: str, fn, iters: int) -> float:
+    """Mean seconds per call of fn (after a warm-up), the device synchronised around the loop."""
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def eagle3_cost(args, dtype: str) -> None:
+    from sfllm_core.engine.scheduler import ScheduledBatch
+
+    shape = TINY if args.tiny else QWEN3_8B
+    config = transformers.Qwen3Config(**shape)
+    head_dir = Path(tempfile.mkdtemp()) / "eagle3-head"
+    head_dir.mkdir()
+    head = dict(
+        architectures=["LlamaForCausalLMEagle3"], model_type="llama", num_hidden_layers=1, hidden_act="silu",
+        draft_vocab_size=min(32000, shape["vocab_size"]), rope_theta=shape["rope_parameters"]["rope_theta"],
+        **{k: shape[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                                 "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps")},
+    )  # fmt: skip
+    (head_dir / "config.json").write_text(json.dumps(head))
+    k, context = args.k, 2048
+    common = dict(
+        hf_config=config, load_format="dummy", load_tokenizer=False, dtype=dtype, device=args.device,
+        max_num_seqs=4, cuda_graph_max_batch=4, max_context_length=context, kv_cache_memory_gb=2.0,
+    )  # fmt: skip
+    plain = InferenceEngine(**common)
+    new = min(args.new_tokens, 64 if args.tiny else 256)
+    prompt = random_prompts(shape["vocab_size"], 1, 128)
+    plain_tok_s, _ = time_engine(plain, prompt, 1, new)
+    del plain  # its memory, before the second model
+    spec = InferenceEngine(
+        **common, speculative_algorithm="eagle3", speculative_draft_model=str(head_dir), num_speculative_tokens=k,
+        speculative_max_batch=4,
+    )  # fmt: skip
+    p = spec.proposer
+    before = p.num_accepted_tokens
+    spec_tok_s, _ = time_engine(spec, prompt, 1, new)
+    accepted = p.num_accepted_tokens - before
+
+    # The parts of one step, on a sequence left decoding.
+    params = SamplingParams(max_tokens=context - len(prompt[0]) - 8, temperature=0.0, ignore_eos=True)
+    spec.add_request("probe", prompt[0], params)
+    for _ in range(4):
+        spec.step()
+    seq = spec.scheduler.running[0]
+    spec.pool.grow(seq, seq.num_computed_tokens + 1 + k)
+    iters = 5 if args.tiny else 50
+    hidden_width = 3 * shape["hidden_size"]
+    fake = torch.randn(k + 1, hidden_width, device=args.device, dtype=spec.dtype)
+
+    def draft() -> None:
+        seq.draft_ids = [0] * k
+        p.fill_drafts([seq])
+
+    def verify() -> None:
+        seq.draft_ids = [1] * k
+        spec.runner.execute_aux(ScheduledBatch([seq], [1 + k]), spec.aux_layers)
+
+    def catch_up(rows: int) -> None:
+        p.catch_up([(seq, seq.num_computed_tokens - rows, fake[:rows])])
+
+    t_draft = _synced(args.device, draft, iters) / max(1, k - 1)
+    t_verify = _synced(args.device, verify, iters)
+    t_catch = {rows: _synced(args.device, lambda rows=rows: catch_up(rows), iters) for rows in (1, k + 1)}
+    seq.draft_ids = []
+    spec.abort("probe")
+    while spec.has_work():
+        spec.step()
+
+    ms = 1000.0
+    step_ms = ms / spec_tok_s  # a random head: about one token per verify step
+    name = "tiny Qwen3 shape" if args.tiny else "Qwen3-8B shape"
+    print(f"\nEAGLE-3 cost, {name}, random weights ({dtype}, {args.device}), batch 1, chain of k={k}")
+    print(f"  plain decode:                        {ms / plain_tok_s:8.3f} ms/token ({plain_tok_s:.1f} tok/s)")
+    print(f"  speculative step, random head:       {step_ms:8.3f} ms ({accepted} drafts accepted in {new - 1} tokens)")
+    print(f"  verify pass, {k + 1} tokens + hidden states: {t_verify * ms:8.3f} ms")
+    print(f"  head catch-up, 1 / {k + 1} rows:            {t_catch[1] * ms:8.3f} / {t_catch[k + 1] * ms:.3f} ms")
+    print(f"  head drafting pass (one draft):      {t_draft * ms:8.3f} ms, x{k - 1} per step")
+    print("  projection (not measured with a trained head): tokens/s = acceptance length / step time")
+    print(f"  {'acceptance length':>18} | {'step ms':>8} | {'tok/s':>8} | {'vs plain':>8} | {'vs 4.79 ms/token':>16}")
+    for tau in args.acceptance_lengths:
+        # The catch-up grows with the kept rows: one more row per accepted draft.
+        extra = (t_catch[k + 1] - t_catch[1]) * (tau - 1) / k
+        tok_s = tau / (step_ms / ms + extra)
+        print(
+            f"  {tau:>18.2f} | {step_ms + extra * ms:>8.3f} | {tok_s:>8.1f} | {tok_s / plain_tok_s:>7.2f}x | "
+            f"{tok_s * PLAIN_MS_PER_TOKEN / ms:>15.2f}x"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                dict(
+                    shape=name, k=k, plain_ms_per_token=ms / plain_tok_s, spec_step_ms=step_ms, verify_ms=t_verify * ms,
+                    catch_up_ms={str(r): t * ms for r, t in t_catch.items()}, draft_pass_ms=t_draft * ms,
+                    accepted=accepted,
+                ),
+                f, indent=2,
+            )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF folder or GGUF (default: the packaged Gemma 3 270M)")
@@ -130,8 +267,13 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["copy", "random"])
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--eagle3-cost", action="store_true", help="EAGLE-3's step costs and projected tok/s")
+    parser.add_argument("--acceptance-lengths", type=float, nargs="+", default=list(PUBLISHED_ACCEPTANCE))
     args = parser.parse_args()
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    if args.eagle3_cost:
+        eagle3_cost(args, dtype)
+        return
 
     if args.tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
