@@ -4,12 +4,17 @@
     lengths uniform in [100, 1024], ignore_eos, seed 0 (peer: generate_batch, paged sdpa);
 (b) batch-1 decode: 128-token prompt, 256 new tokens, ms/token (peer: generate, static cache);
 (c) decode step time at batch 64 and 256 with 1k-token contexts (peer: generate, static cache);
-(d) 64 streams of 256 tokens through the asyncio API (engine loop in its own thread) vs offline.
+(d) 64 streams of 256 tokens through the asyncio API (engine loop in its own thread) vs offline;
+(r) with --tensor-parallel-size N > 1: the all-reduce alone, NCCL over N GPUs at the decode shapes
+    [batch, hidden] in bf16, replayed from a CUDA graph as the engine runs it (two per layer).
 Each figure is printed beside its floor: bytes of weights + KV read per step over the copy
-bandwidth measured in the same run. Prints a table last and writes JSON.
+bandwidth measured in the same run; for N GPUs, 1/N of the bytes (the ideal split: rank 0 also
+reads the whole lm_head, docs/ARCHITECTURE.md). Prints a table last and writes JSON.
 
 Usage: python bench/engine.py [--models qwen3-0.6b qwen3-8b gemma3-1b] [--parts a b c] [--json out.json]
        [--fp8 channel block]  (also FP8 weights, each scheme, beside bf16; bench/fp8.py adds accuracy)
+       [--tensor-parallel-size 1 2]  (each model at each size, same run; 1 absent: no single-GPU run)
+Several GPUs: run with NCCL_NVLS_ENABLE=0 (NVLink multicast stays off on the lent machines).
 """
 
 import argparse
@@ -19,9 +24,12 @@ import gc
 import json
 import os
 import pstats
+import tempfile
 import time
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import transformers
 
 from sfllm_core.config import EngineConfig
@@ -49,6 +57,19 @@ SHAPES = {
         intermediate_size=12288,
         num_hidden_layers=36,
         num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
+    ),
+    # 65.5 GB of bf16 weights: little KV room left on one H200, the tensor-parallel shape.
+    "qwen3-32b": lambda: transformers.Qwen3Config(
+        vocab_size=151936,
+        hidden_size=5120,
+        intermediate_size=25600,
+        num_hidden_layers=64,
+        num_attention_heads=64,
         num_key_value_heads=8,
         head_dim=128,
         max_position_embeddings=40960,
@@ -94,8 +115,9 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * src.element_size() / times[len(times) // 2]
 
 
-def weight_bytes(config, fp8: bool = False) -> int:
-    """Bytes of weights a decode step reads; fp8: the layers' projections at one byte (lm_head stays bf16)."""
+def weight_bytes(config, fp8: bool = False, tp: int = 1) -> int:
+    """Bytes of weights a decode step reads; fp8: the layers' projections at one byte (lm_head stays bf16).
+    tp: per GPU of an ideal tp-way split."""
     h, v, layers = config.hidden_size, config.vocab_size, config.num_hidden_layers
     heads, kv, d, inter = (
         config.num_attention_heads,
@@ -105,7 +127,7 @@ def weight_bytes(config, fp8: bool = False) -> int:
     )
     per_layer = h * (heads * d + 2 * kv * d) + heads * d * h + 3 * h * inter
     lm_head = v * h  # read whole every step; the embedding lookup reads only a few rows
-    return (1 if fp8 else 2) * layers * per_layer + 2 * lm_head
+    return ((1 if fp8 else 2) * layers * per_layer + 2 * lm_head) // tp
 
 
 def kv_bytes_per_token(config) -> int:
@@ -145,14 +167,17 @@ def ours(name: str, config, parts: list[str], n_seqs: int, bw: float, c_batches=
             max_context_length=4096,
             max_num_seqs=256,
             max_num_batched_tokens=8192,
-            kv_cache_memory_gb=48.0,
             enable_prefix_caching=False,
-            **overrides,
+            **{"kv_cache_memory_gb": 48.0, **overrides},
         ),
         hf_config=config,
     )
     res = {"startup_s": time.perf_counter() - start, "graph_capture_s": getattr(engine.runner, "capture_seconds", None)}
-    wb = weight_bytes(config, fp8=overrides.get("quantization") == "fp8")
+    tp = overrides.get("tensor_parallel_size", 1)
+    res["kv_pages"] = engine.pool.num_pages
+    wb = weight_bytes(config, fp8=overrides.get("quantization") == "fp8", tp=tp)
+    # Rank 0's graph replayed alone would wait for the other ranks' all-reduces: no graph-only figures.
+    solo = tp == 1
     if "b" in parts:
         prompt = torch.randint(0, 10000, (128,)).tolist()
         greedy = dict(temperature=0.0, ignore_eos=True)
@@ -166,9 +191,9 @@ def ours(name: str, config, parts: list[str], n_seqs: int, bw: float, c_batches=
         t1 = sync_time(lambda: engine.generate([prompt], SamplingParams(max_tokens=1, **lp)))
         tn = sync_time(lambda: engine.generate([prompt], SamplingParams(max_tokens=256, **lp)))
         res["b_logprobs_ms_per_token"] = (tn - t1) / 255 * 1e3
-        res["b_floor_ms"] = (wb + kv_read_bytes(config, 256)) / bw * 1e3
+        res["b_floor_ms"] = (wb + kv_read_bytes(config, 256) // tp) / bw * 1e3
         graphs = engine.runner.graphs
-        if graphs is not None:
+        if graphs is not None and solo:
             # The same decode step with no host work: replaying the captured graph back to back.
             graphs.graphs[1].replay()
             res["b_graph_only_ms"] = sync_time(lambda: [graphs.graphs[1].replay() for _ in range(100)]) * 10
@@ -198,9 +223,10 @@ def ours(name: str, config, parts: list[str], n_seqs: int, bw: float, c_batches=
             # live batch (it rewrites the K/V of the current position with the same values).
             size = next(s for s in engine.runner.graphs.sizes if s >= batch)
             replay = engine.runner.graphs.graphs[size].replay
-            res[f"c{batch}_graph_only_ms"] = (
-                sync_time(lambda replay=replay, steps=steps: [replay() for _ in range(steps)]) / steps * 1e3
-            )
+            if solo:
+                res[f"c{batch}_graph_only_ms"] = (
+                    sync_time(lambda replay=replay, steps=steps: [replay() for _ in range(steps)]) / steps * 1e3
+                )
             if PROFILE_DIR:
                 # Where the host time of a step goes (the GPU part is graph_only above).
                 profiler = cProfile.Profile()
@@ -210,7 +236,7 @@ def ours(name: str, config, parts: list[str], n_seqs: int, bw: float, c_batches=
             while engine.has_work():
                 engine.step()
             res[f"c{batch}_step_ms"] = t / steps * 1e3
-            res[f"c{batch}_floor_ms"] = (wb + batch * kv_read_bytes(config, 1040)) / bw * 1e3
+            res[f"c{batch}_floor_ms"] = (wb + batch * kv_read_bytes(config, 1040) // tp) / bw * 1e3
     if "a" in parts:
         prompts, out_lens = workload(n_seqs)
         params = [SamplingParams(max_tokens=k, temperature=0.0, ignore_eos=True) for k in out_lens]
@@ -319,7 +345,12 @@ def main() -> None:
     parser.add_argument(
         "--fp8", nargs="*", choices=["channel", "block"], help="also run SFLLM with FP8 weights (these schemes)"
     )
+    parser.add_argument(
+        "--tensor-parallel-size", nargs="+", type=int, default=[1], help="run SFLLM at each (GPUs per engine)"
+    )
+    parser.add_argument("--kv-cache-memory-gb", type=float, default=48.0, help="KV cache per GPU")
     args = parser.parse_args()
+    tps = args.tensor_parallel_size
 
     bw = copy_bandwidth()
     device = torch.cuda.get_device_name()
@@ -330,10 +361,31 @@ def main() -> None:
         "transformers": transformers.__version__,
         "models": {},
     }
+    if "r" in args.parts and max(tps) > 1:
+        hidden = sorted({SHAPES[name]().hidden_size for name in args.models})
+        results["all_reduce"] = {n: all_reduce_bench(n, hidden) for n in tps if n > 1}
+        print("all-reduce", results["all_reduce"], flush=True)
     for name in args.models:
         config = SHAPES[name]()
-        entry = {"sfllm": {} if args.no_ours else ours(name, config, args.parts, args.seqs, bw)}
-        print(name, "sfllm", entry["sfllm"], flush=True)
+        entry = {}
+        if 1 in tps:
+            entry["sfllm"] = (
+                {}
+                if args.no_ours
+                else ours(name, config, args.parts, args.seqs, bw, kv_cache_memory_gb=args.kv_cache_memory_gb)
+            )
+            print(name, "sfllm", entry["sfllm"], flush=True)
+        for n in (n for n in tps if n > 1 and not args.no_ours):
+            entry[f"sfllm-tp{n}"] = ours(
+                name,
+                config,
+                args.parts,
+                args.seqs,
+                bw,
+                tensor_parallel_size=n,
+                kv_cache_memory_gb=args.kv_cache_memory_gb,
+            )
+            print(name, f"sfllm-tp{n}", entry[f"sfllm-tp{n}"], flush=True)
         for scheme in args.fp8 or []:
             entry[f"sfllm-fp8-{scheme}"] = ours(
                 name, config, args.parts, args.seqs, bw, quantization="fp8", fp8_scheme=scheme
@@ -374,6 +426,43 @@ def main() -> None:
             s, p = entry[variant], entry.get("transformers", {})
             name = model_name if variant == "sfllm" else f"{model_name} {variant.removeprefix('sfllm-')}"
             _print_rows(name, s, p, rows, args.parts)
+    for n, figures in results.get("all_reduce", {}).items():
+        print(f"\nall-reduce over {n} GPUs, bf16 [batch, hidden], us per call (graph / eager), per layer (2 calls):")
+        for key, f in figures.items():
+            print(f"  {key:<12} {f['graph_us']:>7.1f} / {f['eager_us']:>7.1f}   per layer {f['per_layer_us']:>7.1f}")
+
+
+def all_reduce_bench(n: int, hidden_sizes: list[int], batches=(1, 8, 64, 256)) -> dict:
+    """NCCL all-reduce over n GPUs of [batch, hidden] bf16: us per call, replayed from a CUDA graph of
+    100 calls (as the engine's decode graphs run them) and eager; rank 0's figures."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = mp.get_context("spawn").Manager().dict()
+        mp.spawn(_all_reduce_rank, (n, f"{folder}/rendezvous", hidden_sizes, batches, out), nprocs=n, join=True)
+        return dict(out)
+
+
+def _all_reduce_rank(rank: int, n: int, init_file: str, hidden_sizes, batches, out) -> None:
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=n)
+    calls = 100
+    for h in hidden_sizes:
+        for b in batches:
+            x = torch.randn(b, h, dtype=torch.bfloat16, device="cuda")
+            for _ in range(10):
+                dist.all_reduce(x)
+            torch.cuda.synchronize()
+            eager = sync_time(lambda x=x: [dist.all_reduce(x) for _ in range(calls)]) / calls
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    dist.all_reduce(x)
+            graph.replay()
+            replayed = min(sync_time(graph.replay) for _ in range(5)) / calls
+            if rank == 0:
+                us = replayed * 1e6
+                out[f"h{h}_b{b}"] = {"graph_us": us, "eager_us": eager * 1e6, "per_layer_us": 2 * us}
+    dist.destroy_process_group()
 
 
 def _print_rows(name: str, s: dict, p: dict, rows: list, parts: list[str]) -> None:

@@ -52,6 +52,9 @@ class EngineConfig:
     prefill_graph_max_tokens: int = 1024
     # Programmatic dependent launch of the Triton kernels on Hopper and later (kernels/pdl.py).
     pdl: bool = True
+    # Ranks of one engine, one device each (cuda:D..D+N-1 from device cuda:D; gloo processes on the CPU):
+    # weights, heads and KV pages are split over them (engine/ranks.py).
+    tensor_parallel_size: int = 1
     seed: int = 0
     # Speculative decoding: None (off), "ngram" (prompt lookup: drafts are the tokens that followed
     # the sequence's last ngram_max..ngram_min tokens where they occurred before) or "eagle3" (an
@@ -79,6 +82,14 @@ class EngineConfig:
 
     def validate(self) -> None:
         self.resolved_dtype()
+        if self.tensor_parallel_size < 1:
+            raise InvalidRequestError(
+                f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}", "tensor_parallel_size"
+            )
+        if self.tensor_parallel_size > 1 and self.speculative_algorithm is not None:
+            raise InvalidRequestError(
+                "speculative decoding is not supported with tensor_parallel_size > 1 yet", "speculative_algorithm"
+            )
         for name in ("page_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             if getattr(self, name) < 1:
                 raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)

@@ -40,8 +40,10 @@ class WorkerConfig:
     attention_backend: str = "auto"
     cuda_graphs: bool = True
     pdl: bool = True  # programmatic dependent launch on Hopper (SFLLM_PDL=0 turns it off)
+    tensor_parallel_size: int = 1  # the engine process is rank 0 and starts the others (devices D..D+N-1)
     seed: int = 0
     speculative_algorithm: str | None = None  # "ngram": prompt-lookup drafts, verified in one step (off by default)
+    speculative_draft_model: str | None = None  # "eagle3": the EAGLE-3 head's checkpoint folder
     num_speculative_tokens: int = 4
     ngram_max: int = 4
     ngram_min: int = 2
@@ -83,9 +85,11 @@ class WorkerConfig:
             attention_backend=self.attention_backend,
             cuda_graphs=self.cuda_graphs,
             pdl=self.pdl,
+            tensor_parallel_size=self.tensor_parallel_size,
             seed=self.seed,
             speculative_algorithm=self.speculative_algorithm,
             num_speculative_tokens=self.num_speculative_tokens,
+            speculative_draft_model=self.speculative_draft_model,
             ngram_max=self.ngram_max,
             ngram_min=self.ngram_min,
             speculative_max_batch=self.speculative_max_batch,
@@ -186,8 +190,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-pdl", dest="pdl", action="store_const", const=False, help="no programmatic dependent launch (Hopper)"
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        help="devices one engine shards the model over, from --device on (default 1; CPU: gloo processes)",
+    )
     p.add_argument("--seed", type=int, help="engine seed for unseeded sampling")
-    p.add_argument("--speculative-algorithm", choices=["ngram"], help="speculative decoding (default: off)")
+    p.add_argument(
+        "--speculative-algorithm",
+        choices=["ngram", "eagle3"],
+        help="speculative decoding: ngram (prompt lookup) or eagle3 (a draft head, --speculative-draft-model)",
+    )
+    p.add_argument(
+        "--speculative-draft-model", help="the EAGLE-3 draft head's checkpoint folder (SGLang / vLLM format)"
+    )
     p.add_argument(
         "--num-speculative-tokens", type=int, help=f"drafts per sequence and step (default {d.num_speculative_tokens})"
     )

@@ -3,22 +3,30 @@
 import contextlib
 import functools
 import logging
+import os
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as wait_for_futures
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from sfllm_core.config import EngineConfig
+from sfllm_core.distributed.parallel_state import (
+    TensorParallel,
+    destroy_tensor_parallel,
+    is_tensor_parallel_initialized,
+    shard_slices,
+)
 from sfllm_core.engine.engine_loop import EngineLoop
 from sfllm_core.engine.grammar import GrammarBackend, accept_tokens
 from sfllm_core.engine.limits import EngineLimits
 from sfllm_core.engine.memory_pool import MemoryPool
 from sfllm_core.engine.model_runner import ModelRunner
+from sfllm_core.engine.ranks import Followers, RankSetup, join_group
 from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence, SequenceStatus
 from sfllm_core.engine.scheduler import ScheduledBatch, Scheduler, window_pages_per_seq
 from sfllm_core.engine.speculative import DraftProposer, accepted_length, sample_rows
@@ -66,6 +74,7 @@ class InferenceEngine:
         *,
         config: EngineConfig | None = None,
         hf_config=None,
+        rank_setup: RankSetup | None = None,
         **overrides,
     ) -> None:
         if config is None:
@@ -84,6 +93,8 @@ class InferenceEngine:
         self.vocab_size = self.model_config.vocab_size
         self.eos_token_ids = set(default_eos_token_ids(self.model_config, self.tokenizer))
         self.attention_backend = self._backend_choice()
+        # Tensor parallel: this is rank 0 (rank_setup None; it starts the others) or a follower.
+        self.tp, self._followers = self._init_tensor_parallel(rank_setup, hf_config, path)
         self.model = self._build_model(path)
         self.draft_config = None  # an EAGLE-3 head's, read before the pool: its K/V share the budget
         if config.speculative_algorithm == "eagle3":
@@ -108,6 +119,8 @@ class InferenceEngine:
             graph_batch,
             prefill_tokens,
         )
+        if self.tp is not None:  # from now on every step goes to the other ranks too (engine/ranks.py)
+            self.runner.use_tensor_parallel(self.tp, self._followers)
         self.sampler = Sampler(config.seed)
         self.aux_layers: tuple[int, ...] = ()  # the target layers an EAGLE-3 head reads (set with it)
         self.proposer = self._build_proposer()
@@ -153,7 +166,7 @@ class InferenceEngine:
             # A checkpoint overwrites every parameter: filling them at random first only costs time.
             with torch.device(self.device), uninitialized_parameters() if loading else contextlib.nullcontext():
                 # The Triton backend's models run their norms, activations and decode GEMVs as Triton kernels.
-                model = cls(self.model_config, use_triton=self.attention_backend == "triton")
+                model = cls(self.model_config, use_triton=self.attention_backend == "triton", tp=self.tp)
         finally:
             torch.set_default_dtype(previous)
         if loading:
@@ -161,7 +174,9 @@ class InferenceEngine:
             self.quantization = resolve_quantization(self.config.quantization, path, self.device)
             weights = load_weights(path, self.dtype, quantization=self.quantization)
             # Quantized weights (a GGUF's own blocks on the CPU) take their layers' place before the rest loads.
-            assign_weights(model, install_quantized_weights(model, weights, tied), tied)
+            # A tensor-parallel rank keeps its slice of each sharded tensor (cut as it streams by).
+            slices = shard_slices(model) if self.tp is not None else None
+            assign_weights(model, install_quantized_weights(model, weights, tied), tied, slices)
         # Loading needs the checkpoint's separate q/k/v and gate/up tensors; serving wants one GEMM each.
         model.fuse_projections()
         if self.quantization == "fp8":
@@ -176,6 +191,8 @@ class InferenceEngine:
     def _build_pool(self) -> MemoryPool:
         cfg, mc = self.config, self.model_config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        # A tensor-parallel rank holds its KV heads only (one, replicated, when there are fewer than ranks).
+        num_kv_heads = mc.num_key_value_heads if self.tp is None else self.tp.kv_head_shard(mc.num_key_value_heads)[1]
         windows = sliding_windows(mc)
         window_layers = frozenset(i for i, w in enumerate(windows) if w is not None)
         window = next((w for w in windows if w is not None), None)
@@ -187,7 +204,7 @@ class InferenceEngine:
         ):
             window_layers, window = frozenset(), None
         bytes_per_token = functools.partial(
-            MemoryPool.bytes_per_token, num_kv_heads=mc.num_key_value_heads, head_dim=head_dim, dtype=self.dtype
+            MemoryPool.bytes_per_token, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=self.dtype
         )
         full_bpt = bytes_per_token(mc.num_hidden_layers - len(window_layers))
         if self.draft_config is not None:  # the EAGLE-3 head's layer keeps K/V in the same slots
@@ -217,13 +234,15 @@ class InferenceEngine:
                 num_pages = int((budget - window_cap * cfg.page_size * window_bpt) // (full_bpt * cfg.page_size))
             # More than every slot full at full context is never useful.
             num_pages = min(num_pages, pages_per_seq * cfg.max_num_seqs)
+            if self.tp is not None:  # every rank's pool has the same pages: page ids come from rank 0
+                num_pages = self.tp.min_int(num_pages)
         if num_pages < 1:
             raise InvalidRequestError("the KV cache budget holds no page; raise kv_cache_memory_gb", "num_pages")
         return MemoryPool(
             num_pages,
             cfg.page_size,
             mc.num_hidden_layers,
-            mc.num_key_value_heads,
+            num_kv_heads,
             head_dim,
             self.dtype,
             self.device,
@@ -764,12 +783,75 @@ class InferenceEngine:
         return self._loop.stream(prompt, params, request_id)
 
     def shutdown(self) -> None:
-        """Stop the streaming loop, if one runs; requests still in flight are aborted."""
+        """Stop the streaming loop, if one runs; requests still in flight are aborted. Tensor-parallel
+        ranks stop too."""
         if self._loop is not None:
             self._loop.shutdown()
         else:
             self.abort_all()
         self.grammar.shutdown()
+        self.close_tensor_parallel()
+
+    # ---- tensor parallelism ---------------------------------------------------------------------
+
+    def _init_tensor_parallel(
+        self, setup: RankSetup | None, hf_config, path: str | None
+    ) -> tuple[TensorParallel | None, Followers | None]:
+        """Join this engine's tensor-parallel group (rank 0 first starts the other ranks); None for size 1."""
+        config, size = self.config, self.config.tensor_parallel_size
+        if self.device.type == "cuda":
+            rank = 0 if setup is None else setup.rank
+            self.device = torch.device("cuda", (self.device.index or 0) + rank)
+            torch.cuda.set_device(self.device)  # Triton launches and graph capture use the current device
+        if size == 1:
+            return None, None
+        # What would make every rank fail later is refused before any is started.
+        if is_tensor_parallel_initialized():
+            raise RuntimeError("this process already holds a tensor-parallel engine; shut it down first")
+        mc = self.model_config
+        probe = TensorParallel(0, size, self.device)
+        probe.shard(mc.num_attention_heads, "num_attention_heads")
+        probe.kv_head_shard(mc.num_key_value_heads)
+        probe.shard(mc.intermediate_size, "intermediate_size")
+        if path is not None and self.config.load_format != "dummy":
+            quantization = resolve_quantization(config.quantization, path, self.device)
+            if quantization != "none":
+                raise InvalidRequestError(
+                    f"tensor parallelism shards dense weights only; quantization {quantization!r} is not "
+                    "supported with tensor_parallel_size > 1 (use quantization none)",
+                    "quantization",
+                )
+        followers = None
+        if setup is None:
+            spawn_args = {
+                "config": asdict(replace(config, load_tokenizer=False)),
+                "hf_config": hf_config.to_dict() if hf_config is not None else None,
+                "log_level": logging.getLevelName(logger.getEffectiveLevel()),
+            }
+            followers = Followers(size, spawn_args, self._rank_failed)
+            setup = RankSetup(0, size, followers.init_file, "")
+        try:
+            tp = join_group(setup, self.device)
+        except Exception:
+            if followers is not None:
+                followers.close()
+            raise
+        logger.info("tensor-parallel rank %d of %d on %s", tp.rank, tp.size, self.device)
+        return tp, followers
+
+    def _rank_failed(self, message: str) -> None:
+        logger.critical("%s; the engine cannot step without it", message)
+        if self.device.type == "cuda":
+            os._exit(1)  # NCCL collectives would wait for the dead rank forever
+        self._followers.failure = message
+
+    def close_tensor_parallel(self) -> None:
+        """Stop the other ranks (rank 0) and leave the process group; idempotent."""
+        if self._followers is not None:
+            self._followers.close()
+        if self.tp is not None:
+            destroy_tensor_parallel()
+            self.tp = None
 
 
 @dataclass

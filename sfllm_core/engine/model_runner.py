@@ -17,8 +17,10 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from sfllm_core.distributed.parallel_state import TensorParallel
 from sfllm_core.engine.memory_pool import MemoryPool
 from sfllm_core.engine.prefill_graphs import MAX_GRAPH_TOKENS, PrefillGraphs, prefill_lengths
+from sfllm_core.engine.ranks import Followers, broadcast_pending
 from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence
 from sfllm_core.engine.scheduler import ScheduledBatch
 from sfllm_core.engine.verify_graphs import VerifyGraphs
@@ -126,9 +128,16 @@ class ModelRunner:
         if device.type == "cuda" and cuda_graph_max_batch > 0:
             self._capture(cuda_graph_max_batch)
         self.verify: VerifyGraphs | None = None  # fixed-shape verify steps (speculative decoding)
+        self.tp: TensorParallel | None = None
+        self.followers: Followers | None = None  # rank 0 of a tensor-parallel engine: the other ranks
         self.prefill: PrefillGraphs | None = None  # one sequence's prefill chunk (engine/prefill_graphs.py)
         if device.type == "cuda" and prefill_graph_max_tokens > 1 and self.graphs is not None:
             self.enable_prefill_graphs(prefill_graph_max_tokens)
+
+    def use_tensor_parallel(self, tp: TensorParallel, followers: "Followers | None") -> None:
+        """One rank of a tensor-parallel engine: rank 0 (with followers) sends every step to the others
+        before running it; a follower runs the steps rank 0 sends, and computes no prompt logprobs."""
+        self.tp, self.followers = tp, followers
 
     def enable_prefill_graphs(self, max_tokens: int) -> None:
         """Run a lone prefill chunk of up to max_tokens (capped at MAX_GRAPH_TOKENS) padded to a
@@ -232,6 +241,11 @@ class ModelRunner:
         A sequence that needs prompt logits gets this chunk's prompt logprobs appended to its
         prompt_logprobs (graph replays are decodes: they never need any).
         """
+        if self.followers is not None:  # the other ranks run this same step (engine/ranks.py)
+            self.followers.send(batch, pending_tokens, pending_rows)
+            pending_tokens = broadcast_pending(
+                self.tp, pending_tokens, 0 if pending_tokens is None else len(pending_tokens)
+            )
         if self.graphs is not None and self.graph_fits(batch):
             return self._replay(batch, pending_tokens, pending_rows), list(range(len(batch.seqs)))
         if self.verify is not None and any(s.draft_ids for s in batch.seqs) and self.verify.fits(batch):
@@ -274,6 +288,8 @@ class ModelRunner:
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
         """Log-softmax at each prompt position of the chunk for the prompt token after it, with its top-k."""
+        if self.tp is not None and not self.tp.is_leader:
+            return  # rank 0 samples and reports; the others only keep their K/V
         rows: list[int] = []  # rows of hidden
         targets: list[int] = []
         owners: list[tuple[RequestSequence, int]] = []  # (sequence, how many of the rows are its)

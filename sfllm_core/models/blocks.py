@@ -7,11 +7,18 @@ before it (`qkv_proj.forward_normed`, `gate_up_proj.forward_normed`); the block 
 
 `use_triton` is fixed at construction: the small layers (norms, activations, the decode GEMV)
 then dispatch to the Triton kernels for CUDA inputs.
+
+With a TensorParallel `tp` (Megatron style) each rank holds a slice: q|k|v and gate|up are split by
+output rows (its query heads, its KV heads, its part of the intermediate size), o_proj and down_proj
+by input columns, and their partial outputs are summed over the ranks (one all-reduce each), so
+the residual stream is whole on every rank. With fewer KV heads than ranks, each rank holds the one
+KV head its query heads read (Gemma3-1B's single KV head is on every rank).
 """
 
 import torch
 from torch import nn
 
+from sfllm_core.distributed.parallel_state import TensorParallel
 from sfllm_core.layers.activation import GatedActivation
 from sfllm_core.layers.linear import Linear, merge_linears
 from sfllm_core.layers.norms import RMSNorm
@@ -37,18 +44,28 @@ class Attention(nn.Module):
         norm: type[RMSNorm],
         scale: float,
         use_triton: bool = False,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         self.layer_id = layer_id
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = head_dim_of(config)
+        self.head_dim = d = head_dim_of(config)
         self.use_triton = use_triton
+        self.tp = tp
+        if tp is not None:
+            q_start, self.num_heads = tp.shard(self.num_heads, "num_attention_heads")
+            kv_start, self.num_kv_heads = tp.kv_head_shard(self.num_kv_heads)
         bias = getattr(config, "attention_bias", False)
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias, use_triton=use_triton)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * d, bias=bias)
+        self.o_proj = Linear(self.num_heads * d, config.hidden_size, bias=bias, use_triton=use_triton)
+        if tp is not None:
+            tp.split(self.q_proj, 0, q_start * d, self.num_heads * d)
+            tp.split(self.k_proj, 0, kv_start * d, self.num_kv_heads * d)
+            tp.split(self.v_proj, 0, kv_start * d, self.num_kv_heads * d)
+            tp.split(self.o_proj, 1, q_start * d, self.num_heads * d, bias="leader")
         self.q_norm = norm(self.head_dim, config.rms_norm_eps, use_triton=use_triton)
         self.k_norm = norm(self.head_dim, config.rms_norm_eps, use_triton=use_triton)
         self.rotary = rotary
@@ -71,20 +88,33 @@ class Attention(nn.Module):
         backend, meta = ctx.backend, ctx.meta_for(self.sliding_window)
         q = backend.rotate_and_store(positions, q, k, v, self.q_norm, self.k_norm, self.rotary, k_cache, v_cache, meta)
         o = backend.attend(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+        out = self.o_proj(o.reshape(n, self.num_heads * self.head_dim))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class GatedMLP(nn.Module):
     """down(act(gate) * up), gate|up merged into one projection after loading."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, *, act: type[GatedActivation], use_triton: bool = False
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        act: type[GatedActivation],
+        use_triton: bool = False,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         self.use_triton = use_triton
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False, use_triton=use_triton)
+        self.tp = tp
+        start, size = (0, intermediate_size) if tp is None else tp.shard(intermediate_size, "intermediate_size")
+        self.gate_proj = nn.Linear(hidden_size, size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, size, bias=False)
+        self.down_proj = Linear(size, hidden_size, bias=False, use_triton=use_triton)
+        if tp is not None:
+            tp.split(self.gate_proj, 0, start, size)
+            tp.split(self.up_proj, 0, start, size)
+            tp.split(self.down_proj, 1, start, size)
         self.act = act(use_triton=use_triton)
 
     def fuse_projections(self) -> None:
@@ -93,4 +123,5 @@ class GatedMLP(nn.Module):
 
     def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
         """The MLP from the fused gate|up projection (the layer runs gate_up_proj, its norm fused in)."""
-        return self.down_proj.forward_gated(gate_up, self.act)
+        out = self.down_proj.forward_gated(gate_up, self.act)
+        return out if self.tp is None else self.tp.all_reduce(out)

@@ -69,12 +69,20 @@ def uninitialized_parameters() -> Iterator[None]:
             setattr(nn.init, name, function)
 
 
-def assign_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor, str]], tied: bool) -> None:
+def assign_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor, str]],
+    tied: bool,
+    slices: dict[str, tuple[int, int, int] | None] | None = None,
+) -> None:
     """Copy named tensors into the model's parameters, failing loudly on any mismatch.
 
     `weights` yields (name, tensor, source file). With tied embeddings lm_head shares embed_tokens,
-    so an lm_head tensor in the checkpoint is ignored and its absence is fine.
+    so an lm_head tensor in the checkpoint is ignored and its absence is fine. `slices` (a tensor-
+    parallel rank's, distributed/parallel_state.py `shard_slices`) cuts named tensors to this rank's
+    (dim, start, length), or zeros them (None).
     """
+    slices = slices or {}
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for name, tensor, source in weights:
@@ -85,6 +93,9 @@ def assign_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor, 
         param = params.get(name)
         if param is None:
             raise UnsupportedModelError(f"{source}: unexpected tensor {name!r} for {type(model).__name__}")
+        if name in slices:
+            cut = slices[name]
+            tensor = torch.zeros_like(tensor) if cut is None else tensor.narrow(*cut)
         if param.shape != tensor.shape:
             raise UnsupportedModelError(
                 f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"

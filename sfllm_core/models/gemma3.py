@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from sfllm_core.distributed.parallel_state import TensorParallel
 from sfllm_core.layers.activation import GeluTanhAndMul
 from sfllm_core.layers.linear import project
 from sfllm_core.layers.norms import GemmaRMSNorm
@@ -13,7 +14,13 @@ from sfllm_core.models.common import ForwardContext, rope_settings, sliding_wind
 
 class Gemma3DecoderLayer(nn.Module):
     def __init__(
-        self, config, layer_id: int, rotary: RotaryEmbedding, sliding_window: int | None, use_triton: bool = False
+        self,
+        config,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        sliding_window: int | None,
+        use_triton: bool = False,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         # Gemma scales queries by query_pre_attn_scalar, not head_dim.
@@ -25,8 +32,11 @@ class Gemma3DecoderLayer(nn.Module):
             norm=GemmaRMSNorm,
             scale=config.query_pre_attn_scalar**-0.5,
             use_triton=use_triton,
+            tp=tp,
         )
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, act=GeluTanhAndMul, use_triton=use_triton)
+        self.mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, act=GeluTanhAndMul, use_triton=use_triton, tp=tp
+        )
         eps, dim = config.rms_norm_eps, config.hidden_size
         self.input_layernorm = GemmaRMSNorm(dim, eps, use_triton=use_triton)
         self.post_attention_layernorm = GemmaRMSNorm(dim, eps, use_triton=use_triton)
@@ -56,7 +66,7 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3TextModel(nn.Module):
-    def __init__(self, config, use_triton: bool = False) -> None:
+    def __init__(self, config, use_triton: bool = False, tp: TensorParallel | None = None) -> None:
         super().__init__()
         windows = sliding_windows(config)
         local_base, local_factor = rope_settings(config, "sliding_attention")
@@ -68,7 +78,12 @@ class Gemma3TextModel(nn.Module):
         self.embed_scale = config.hidden_size**0.5
         self.layers = nn.ModuleList(
             Gemma3DecoderLayer(
-                config, i, self.rotary_local if windows[i] is not None else self.rotary_global, windows[i], use_triton
+                config,
+                i,
+                self.rotary_local if windows[i] is not None else self.rotary_global,
+                windows[i],
+                use_triton,
+                tp,
             )
             for i in range(config.num_hidden_layers)
         )
@@ -91,13 +106,14 @@ class Gemma3ForCausalLM(nn.Module):
     """Token ids in, final hidden states out; `compute_logits` projects (and soft-caps) sampled rows.
 
     Weights load under the checkpoint's names; `fuse_projections` must then run before `forward`.
-    use_triton: the small layers run Triton kernels on CUDA (the engine's Triton backend).
+    use_triton: the small layers run Triton kernels on CUDA (the engine's Triton backend). tp: this
+    rank's slice of a tensor-parallel model (models/blocks.py); embeddings and lm_head stay whole.
     """
 
-    def __init__(self, config, *, use_triton: bool = False) -> None:
+    def __init__(self, config, *, use_triton: bool = False, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = Gemma3TextModel(config, use_triton)
+        self.model = Gemma3TextModel(config, use_triton, tp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", True):
             self.lm_head.weight = self.model.embed_tokens.weight

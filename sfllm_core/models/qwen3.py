@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from sfllm_core.distributed.parallel_state import TensorParallel
 from sfllm_core.layers.activation import SiluAndMul
 from sfllm_core.layers.linear import project
 from sfllm_core.layers.norms import RMSNorm
@@ -13,7 +14,13 @@ from sfllm_core.models.common import ForwardContext, rope_settings, sliding_wind
 
 class Qwen3DecoderLayer(nn.Module):
     def __init__(
-        self, config, layer_id: int, rotary: RotaryEmbedding, sliding_window: int | None, use_triton: bool = False
+        self,
+        config,
+        layer_id: int,
+        rotary: RotaryEmbedding,
+        sliding_window: int | None,
+        use_triton: bool = False,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         self.self_attn = Attention(
@@ -24,8 +31,9 @@ class Qwen3DecoderLayer(nn.Module):
             norm=RMSNorm,
             scale=head_dim_of(config) ** -0.5,
             use_triton=use_triton,
+            tp=tp,
         )
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, act=SiluAndMul, use_triton=use_triton)
+        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, act=SiluAndMul, use_triton=use_triton, tp=tp)
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, use_triton=use_triton)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, use_triton=use_triton)
@@ -46,14 +54,15 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, config, use_triton: bool = False) -> None:
+    def __init__(self, config, use_triton: bool = False, tp: TensorParallel | None = None) -> None:
         super().__init__()
         base, factor = rope_settings(config)
         self.rotary = RotaryEmbedding(head_dim_of(config), base, config.max_position_embeddings, factor)
         windows = sliding_windows(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, i, self.rotary, windows[i], use_triton) for i in range(config.num_hidden_layers)
+            Qwen3DecoderLayer(config, i, self.rotary, windows[i], use_triton, tp)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, use_triton=use_triton)
 
@@ -70,13 +79,14 @@ class Qwen3ForCausalLM(nn.Module):
     """Token ids in, final hidden states out; `compute_logits` projects the rows that are sampled.
 
     Weights load under the checkpoint's names; `fuse_projections` must then run before `forward`.
-    use_triton: the small layers run Triton kernels on CUDA (the engine's Triton backend).
+    use_triton: the small layers run Triton kernels on CUDA (the engine's Triton backend). tp: this
+    rank's slice of a tensor-parallel model (models/blocks.py); embeddings and lm_head stay whole.
     """
 
-    def __init__(self, config, *, use_triton: bool = False) -> None:
+    def __init__(self, config, *, use_triton: bool = False, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = Qwen3Model(config, use_triton)
+        self.model = Qwen3Model(config, use_triton, tp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
