@@ -56,9 +56,12 @@ class EngineLoad:
     kv_pages_total: int
     prefix_cache_hit_rate: float = 0.0
     num_preemptions: int = 0
-    # Speculative decoding, since start: draft tokens proposed and verified, and of those accepted.
+    # Speculative decoding, since start: draft tokens proposed and verified, and of those accepted;
+    # num_drafts counts the drafts (one per sequence and verify step), so the mean acceptance length
+    # is 1 + num_accepted_draft_tokens / num_drafts.
     num_draft_tokens: int = 0
     num_accepted_draft_tokens: int = 0
+    num_drafts: int = 0
 
     @property
     def kv_cache_usage(self) -> float:

@@ -36,6 +36,7 @@ class _LoadCollector(Collector):
             family.add_metric([self.model_name], value)
             yield family
         counters = (  # the engine counts these itself; vLLM's names (spec_decode_*_total)
+            ("sfllm:spec_decode_num_drafts", "Number of spec decoding drafts.", load.num_drafts),
             ("sfllm:spec_decode_num_draft_tokens", "Number of draft tokens verified.", load.num_draft_tokens),
             (
                 "sfllm:spec_decode_num_accepted_tokens",

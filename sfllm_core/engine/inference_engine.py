@@ -476,6 +476,7 @@ class InferenceEngine:
             num_preemptions=self.scheduler.num_preemptions,
             num_draft_tokens=proposer.num_draft_tokens if proposer is not None else 0,
             num_accepted_draft_tokens=proposer.num_accepted_tokens if proposer is not None else 0,
+            num_drafts=proposer.num_proposals if proposer is not None else 0,
         )
 
     # ---- the step -----------------------------------------------------------------------------

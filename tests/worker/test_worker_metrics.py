@@ -118,3 +118,7 @@ def test_speculative_decoding_counters_count_drafts_and_accepted_tokens(make_wor
             break
         time.sleep(0.1)
     assert 0 < accepted <= drafted, (accepted, drafted)
+    # One draft per sequence and verify step, of at most 4 tokens: the mean acceptance length is
+    # 1 + accepted / drafts, between 1 and 5.
+    drafts = _value(after, "sfllm:spec_decode_num_drafts_total")
+    assert drafts <= drafted <= 4 * drafts and 1 < 1 + accepted / drafts <= 5
