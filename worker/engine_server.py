@@ -116,6 +116,7 @@ class EngineServer:
                 load_tokenizer=False,  # the front tokenizes, and sends the tokenizer's eos ids (AddEosTokens)
             )
             self.engine = InferenceEngine(config=engine_config)
+            self.engine.exit_on_rank_failure = True  # tensor parallel: a dead rank is a dead engine, for the front
         except Exception as exc:
             log.exception("the engine failed to start")
             self.to_front.send(self._encode(EngineFailed(f"{type(exc).__name__}: {exc}")))

@@ -94,6 +94,7 @@ class InferenceEngine:
         self.eos_token_ids = set(default_eos_token_ids(self.model_config, self.tokenizer))
         self.attention_backend = self._backend_choice()
         # Tensor parallel: this is rank 0 (rank_setup None; it starts the others) or a follower.
+        self.exit_on_rank_failure = False
         self.tp, self._followers = self._init_tensor_parallel(rank_setup, hf_config, path)
         self.model = self._build_model(path)
         self.draft_config = None  # an EAGLE-3 head's, read before the pool: its K/V share the budget
@@ -842,9 +843,11 @@ class InferenceEngine:
 
     def _rank_failed(self, message: str) -> None:
         logger.critical("%s; the engine cannot step without it", message)
-        if self.device.type == "cuda":
-            os._exit(1)  # NCCL collectives would wait for the dead rank forever
-        self._followers.failure = message
+        # NCCL collectives would wait for the dead rank forever; a server's engine process exits so
+        # that its front reports it (worker/engine_server.py sets exit_on_rank_failure).
+        if self.device.type == "cuda" or self.exit_on_rank_failure:
+            os._exit(1)
+        self._followers.failure = message  # steps raise from now on (gloo ones would time out)
 
     def close_tensor_parallel(self) -> None:
         """Stop the other ranks (rank 0) and leave the process group; idempotent."""
