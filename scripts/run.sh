@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
 # Start one worker and the gateway in the foreground; Ctrl-C stops both.
+# With more than one GPU visible: one worker per GPU (or per tensor-parallel group) instead, scripts/run_gpus.sh.
 set -euo pipefail
 MODEL=${1:-}; HOST=${2:-127.0.0.1}; PORT=${3:-8000}; WORKER_PORT=${4:-50051}; METRICS_PORT=${5:-9400}
 cd "$(dirname "$0")/.."
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+  num_gpus=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c .)
+else
+  num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+fi
+if [ "${num_gpus:-0}" -gt 1 ]; then
+  exec bash scripts/run_gpus.sh "$@"
+fi
 BIN=.venv/bin
 model_args=()
 [ -n "$MODEL" ] && model_args=(--model "$MODEL")

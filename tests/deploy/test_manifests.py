@@ -172,3 +172,21 @@ def test_the_host_network_override_changes_only_networking():
     assert targets["sfllm-gateway"] == [f"127.0.0.1:{override['gateway']['environment']['SFLLM_GATEWAY_PORT']}"]
     worker_address = f"127.0.0.1:{override['worker']['environment']['SFLLM_PORT']}"
     assert override["gateway"]["environment"]["SFLLM_GATEWAY_WORKERS"] == worker_address
+
+
+def test_the_tensor_parallel_overlay_gives_each_worker_pod_as_many_gpus_as_ranks():
+    overlay = DEPLOY / "kubernetes-tp"
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../kubernetes"]  # the base, worker StatefulSet patched
+    (ref,) = kustomization["patches"]
+    patch = yaml.safe_load((overlay / ref["path"]).read_text())
+    base = workload("worker.yaml", "StatefulSet")
+    assert (patch["kind"], patch["metadata"]["name"]) == ("StatefulSet", base["metadata"]["name"])
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == base["spec"]["template"]["spec"]["containers"][0]["name"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert int(env["SFLLM_TENSOR_PARALLEL_SIZE"]) == container["resources"]["limits"]["nvidia.com/gpu"] > 1
+    assert env["NCCL_NVLS_ENABLE"] == "0"
+    (shm,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    (volume,) = [v for v in patch["spec"]["template"]["spec"]["volumes"] if v["name"] == shm["name"]]
+    assert volume["emptyDir"]["medium"] == "Memory"
