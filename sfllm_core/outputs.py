@@ -31,6 +31,7 @@ class StepOutput(msgspec.Struct, array_like=True):
     # With SamplingParams.prompt_logprobs, on a request's first output only: prompt tokens 1..P-1,
     # each given the ones before it (nothing predicts token 0). None if it ended before its prefill did.
     prompt_logprobs: list[TokenLogprob] | None = None
+    num_accepted_draft_tokens: int = 0  # of the request's tokens so far, drafts that verification kept
 
 
 @dataclass

@@ -123,6 +123,7 @@ class DetokenizerProcess:
                 if item.logprobs:
                     earlier.logprobs = (earlier.logprobs or []) + item.logprobs
                 earlier.num_cached_tokens = item.num_cached_tokens
+                earlier.num_accepted_draft_tokens = item.num_accepted_draft_tokens
                 if item.prompt_logprobs is not None:
                     earlier.prompt_logprobs = item.prompt_logprobs
                 if item.finished:
@@ -155,8 +156,16 @@ class DetokenizerProcess:
                     finish_reason="stop",
                     stop_string=stop.matched,
                     abort_engine=not out.finished,
+                    num_accepted_draft_tokens=out.num_accepted_draft_tokens,
                 )
-        item = TextOutput(out.request_id, token_ids, "".join(parts), logprobs, out.num_cached_tokens)
+        item = TextOutput(
+            out.request_id,
+            token_ids,
+            "".join(parts),
+            logprobs,
+            out.num_cached_tokens,
+            num_accepted_draft_tokens=out.num_accepted_draft_tokens,
+        )
         if out.finished and out.finish_reason in ("abort", "error"):
             # Cut short, not ended: text held back stays back (a router continuing the completion
             # elsewhere generates those tokens again, and their text is then sent once).

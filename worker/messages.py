@@ -132,6 +132,7 @@ class TextOutput(msgspec.Struct, array_like=True):
     abort_engine: bool = False
     # StepOutput.prompt_logprobs with text (prompt tokens 1..P-1), on the request's first output.
     prompt_logprobs: list[TextLogprob] | None = None
+    num_accepted_draft_tokens: int = 0  # StepOutput's: the request's drafts kept so far
 
 
 class TextBatch(msgspec.Struct, tag="text", array_like=True):

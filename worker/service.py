@@ -65,6 +65,7 @@ class _Choice:
         "pending_tokens",
         "num_tokens",
         "num_cached_tokens",
+        "num_accepted_draft_tokens",
         "seen",
         "finished",
         "sent_finish",
@@ -81,6 +82,7 @@ class _Choice:
         self.pending_tokens = 0
         self.num_tokens = 0
         self.num_cached_tokens = 0
+        self.num_accepted_draft_tokens = 0
         self.seen = False  # the engine has produced something for it (it was accepted)
         self.finished: TextOutput | None = None
         self.sent_finish = False
@@ -134,6 +136,7 @@ class _Call:
             choice.num_tokens += count
             choice.pending_tokens += count
         choice.num_cached_tokens = max(choice.num_cached_tokens, out.num_cached_tokens)
+        choice.num_accepted_draft_tokens = max(choice.num_accepted_draft_tokens, out.num_accepted_draft_tokens)
         if out.prompt_logprobs is not None:
             choice.prompt_logprobs = out.prompt_logprobs
         choice.pending.append(out)
@@ -199,6 +202,7 @@ class _Call:
             prompt_tokens=self.num_prompt_tokens,
             completion_tokens=completion_tokens,
             cached_prompt_tokens=choice.num_cached_tokens,
+            accepted_draft_tokens=choice.num_accepted_draft_tokens,
         )
         error = out.error or (self.abort_error if out.finish_reason == "abort" else "")
         done = pb.Finished(finish_reason=FINISH_REASONS[out.finish_reason or "stop"], usage=usage, error=error)

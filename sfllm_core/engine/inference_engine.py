@@ -737,6 +737,7 @@ class InferenceEngine:
             num_computed_tokens=seq.num_computed_tokens,
             error=error,
             prompt_logprobs=seq.take_prompt_logprobs(),
+            num_accepted_draft_tokens=seq.num_accepted_drafts,
         )
 
     # ---- offline ------------------------------------------------------------------------------

@@ -149,6 +149,9 @@ def test_streamed_steps_carry_several_tokens_and_pages_go_back_after_aborts(targ
     assert [t for o in first for t in o.token_ids] == whole.token_ids
     assert max(len(o.token_ids) for o in first) > 1
     assert next(o for o in outputs if o.request_id == "r1" and o.finished).finish_reason == "abort"
+    # Each request's usage: the drafts verification kept for it, adding up to the proposer's count.
+    kept = {o.request_id: o.num_accepted_draft_tokens for o in outputs}
+    assert sum(kept.values()) == spec.proposer.num_accepted_tokens and kept["r0"] > 0
     _assert_accepted(spec)
     _assert_clean(spec)
 

@@ -108,7 +108,7 @@ def test_speculative_decoding_counters_count_drafts_and_accepted_tokens(make_wor
     assert _value(before, "sfllm:spec_decode_num_draft_tokens_total") == 0
     prompt = [299, 96, 353, 177, 67, 24, 268, 79, 271]
     with WorkerClient(worker.target, timeout=60) as client:  # greedy random weights fall into loops: drafts land
-        client.generate(token_ids=prompt, max_tokens=200, temperature=0, ignore_eos=True)
+        completion = client.generate(token_ids=prompt, max_tokens=200, temperature=0, ignore_eos=True)
     deadline = time.monotonic() + 10  # the counters ride the engine's load reports, which follow the stream
     while True:
         after = scrape(worker)
@@ -122,3 +122,5 @@ def test_speculative_decoding_counters_count_drafts_and_accepted_tokens(make_wor
     # 1 + accepted / drafts, between 1 and 5.
     drafts = _value(after, "sfllm:spec_decode_num_drafts_total")
     assert drafts <= drafted <= 4 * drafts and 1 < 1 + accepted / drafts <= 5
+    # The one request's usage counts the same accepted drafts.
+    assert completion.choices[0].usage.accepted_draft_tokens == accepted
