@@ -258,7 +258,12 @@ def speed(name: str, config, bw: float, seqs: int) -> dict:
     variants.append(("fp8-channel+lm", {"quantization": "fp8", "fp8_scheme": "channel", "fp8_lm_head": True}, ["b"]))
     for variant, overrides, variant_parts in variants:
         start = time.perf_counter()
-        out[variant] = engine_bench.ours(name, config, variant_parts, seqs, bw, c_batches=(256,), **overrides)
+        try:
+            out[variant] = engine_bench.ours(name, config, variant_parts, seqs, bw, c_batches=(256,), **overrides)
+        except Exception as exc:  # one variant's failure must not cost the lead the others' figures
+            out[variant] = {"error": repr(exc)}
+            gc.collect()
+            torch.cuda.empty_cache()
         out[variant]["wall_s"] = time.perf_counter() - start
         print(name, "speed", variant, out[variant], flush=True)
     return out
@@ -336,10 +341,19 @@ def main() -> None:
     for name in args.models:
         config = engine_bench.SHAPES[name]()
         entry = results["models"][name] = {}
-        if "accuracy" not in args.skip:
-            entry["accuracy"] = accuracy(name, config)
-        if "kernels" not in args.skip:
-            entry["kernels"] = kernels(config, args.sweep)
+        for part, run in (
+            ("accuracy", lambda name=name, config=config: accuracy(name, config)),
+            ("kernels", lambda config=config: kernels(config, args.sweep)),
+        ):
+            if part in args.skip:
+                continue
+            try:
+                entry[part] = run()
+            except Exception as exc:  # reported, and the run goes on
+                print(name, part, "failed:", repr(exc), flush=True)
+                entry[f"{part}_error"] = repr(exc)
+                gc.collect()
+                torch.cuda.empty_cache()
         if "speed" not in args.skip:
             entry["speed"] = speed(name, config, bw, args.seqs)
         with open(args.json, "w") as f:

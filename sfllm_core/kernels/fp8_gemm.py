@@ -59,8 +59,9 @@ def _quant_rows_kernel(
         # Rounded where the eager activation layer rounds.
         x = (act.to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)
-    scale = tl.maximum(amax, 1e-12) / 448.0
-    q = tl.clamp(x / scale, -448.0, 448.0)
+    # Correctly rounded divisions (Triton's "/" is the approximate one): the same q as torch's x / scale.
+    scale = tl.div_rn(tl.maximum(amax, 1e-12), 448.0)
+    q = tl.clamp(tl.div_rn(x, scale), -448.0, 448.0)
     tl.store(Q + row * stride_q + offs, q.to(Q.dtype.element_ty), mask=mask)
     tl.store(S + row * stride_sm + group * stride_sg, scale)
 

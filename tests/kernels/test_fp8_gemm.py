@@ -50,7 +50,7 @@ def test_quantize_rows_scales_by_amax(device, m, k, grouped):
     assert q.dtype == FP8_DTYPE and scale.shape == want_scale.shape and scale.dtype == torch.float32
     if grouped:
         assert scale.stride(0) == 1  # column-major, as cuBLAS's block-wise recipe reads it
-    torch.testing.assert_close(scale.cpu(), want_scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(scale.cpu(), want_scale, rtol=0, atol=0)
     want_q = (x / _expand(want_scale, k)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     _assert_fp8_equal(q, want_q, device)
 
@@ -60,17 +60,14 @@ def test_quantize_rows_applies_the_activation_first(device):
     gate_up = torch.randn(4, 2 * 200, generator=gen).to(torch.bfloat16)
     q, scale = quantize_rows(gate_up.to(device), grouped=True, activation="silu")
     act = SiluAndMul()(gate_up).float()
-    # The interpreter truncates to bfloat16 where CUDA rounds (twice: after the activation and after
-    # the product): two bfloat16 steps apart at most.
-    tol = 1e-6 if device.type == "cuda" else 2**-6
-    torch.testing.assert_close(scale.cpu(), _group_scales(act, True), rtol=tol, atol=0)
+    # Rounded to bfloat16 where the layer rounds, but from another sigmoid (and the interpreter
+    # truncates where CUDA rounds, twice): a bfloat16 step or two apart at most.
+    torch.testing.assert_close(scale.cpu(), _group_scales(act, True), rtol=2**-6, atol=0)
     want = (act / _expand(scale.cpu(), 200)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).float()
     got = q.float().cpu()
-    if device.type == "cuda":
-        assert torch.equal(got, want)
-    else:
-        one_step = (got - want).abs() <= want.abs() / 8 + 2**-9
-        assert (one_step | _interpreter_slip(got, want)).all()
+    within_a_step = (got - want).abs() <= want.abs() / 8 + 2**-9
+    assert (within_a_step | _interpreter_slip(got, want)).all()
+    assert (got == want).float().mean() > 0.9
 
 
 @pytest.mark.parametrize(
@@ -92,7 +89,9 @@ def test_triton_fp8_gemm_matches_dequantized_operands(device, m, n, k, scheme, s
     q, q_scale = quantize_rows(x.to(device), fw.scale.shape[1] > 1)
     out = triton_fp8_gemm(q, q_scale, fw.weight.to(device), fw.scale.to(device), fw.block_n, torch.float32).cpu()
     x_deq = q.float().cpu() * _expand(q_scale.cpu(), k)
-    torch.testing.assert_close(out, x_deq @ fw.dequantize().t(), atol=1e-4, rtol=1e-5)
+    # Hopper's fp8 tensor cores accumulate with fewer bits than float32 (DeepSeek-V3 measured ~14).
+    atol, rtol = (2e-3, 1e-3) if device.type == "cuda" else (1e-4, 1e-5)
+    torch.testing.assert_close(out, x_deq @ fw.dequantize().t(), atol=atol, rtol=rtol)
     # And near the unquantized product: both sides carry e4m3's few percent.
     assert F.cosine_similarity(out.flatten(), (x @ fw.dequantize().t()).flatten(), dim=0) > 0.99
 
