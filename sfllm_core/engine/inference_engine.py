@@ -187,6 +187,8 @@ class InferenceEngine:
             # whole; a pre-quantized checkpoint's came as stored, on the host.
             quantize_linears(model, self.config.fp8_scheme, skip=() if self.config.fp8_lm_head else UNQUANTIZED)
             model.to(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the dense weights' memory, for the KV cache's budget (mem_get_info)
         return model.eval().requires_grad_(False)
 
     def _build_pool(self) -> MemoryPool:
