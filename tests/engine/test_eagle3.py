@@ -256,3 +256,26 @@ def test_bad_heads_are_refused_by_name(tmp_path, qwen3_path):
     with pytest.raises(UnsupportedModelError, match="missing tensors: fc.weight"):
         InferenceEngine(**common, speculative_draft_model=str(head))
     shutil.rmtree(head)
+
+
+@pytest.mark.slow
+def test_gemma270m_with_a_random_head_in_the_format(tmp_path, gemma270m_path):
+    """The real model (sliding-window layers, a 262k vocabulary) takes an EAGLE-3 head of its width."""
+    common = dict(model_path=gemma270m_path, dtype="float32", quantization="none", max_context_length=256)
+    plain = InferenceEngine(**common)
+    mc = plain.model_config
+    shape = tmp_path / "shape"  # the head needs only the target's widths, which the GGUF's config gives
+    shape.mkdir()
+    (shape / "config.json").write_text(
+        json.dumps(dict(hidden_size=mc.hidden_size, vocab_size=mc.vocab_size, max_position_embeddings=256))
+    )
+    head = make_eagle3_checkpoint(tmp_path / "head", shape, draft_vocab_size=4096, head_dim=64)
+    spec = InferenceEngine(**common, speculative_algorithm="eagle3", speculative_draft_model=str(head))
+    assert spec.aux_layers == (2, 9, 15)  # 18 layers: SGLang's and vLLM's default choice
+    prompts = ["<bos>The capital of France is", "<bos>Water boils at a temperature of"]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in spec.generate(prompts, params)] == [
+        o.token_ids for o in plain.generate(prompts, params)
+    ]
+    assert spec.proposer.num_draft_tokens > 0
+    _assert_clean(spec)
