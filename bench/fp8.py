@@ -196,8 +196,23 @@ def _time_us(fn, reps: int = 200) -> float:
     return start.elapsed_time(end) / reps * 1e3
 
 
+def _rotating(make, nbytes: int):
+    """A call that cycles through enough copies (made by make()) to exceed L2, so weights come from HBM."""
+    copies = [make() for _ in range(max(1, -(-(256 << 20) // nbytes)))]
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(copies)
+        return copies[state["i"]]()
+
+    return call
+
+
 def kernels(config, sweep: bool) -> dict:
-    """Batch-1 projections of a model's shape: FP8 GEMV (each scheme) against bf16 (GEMV or cuBLAS, as served)."""
+    """A model's projections: at batch 1 the FP8 GEMV (each scheme) against bf16 as served (GEMV or
+    cuBLAS), GB/s of weights from HBM; at 256 and 2048 rows the FP8 GEMMs (activation quantization
+    included) against bf16 cuBLAS, TFLOPS."""
+    from sfllm_core.kernels.fp8_gemm import fp8_matmul, quantize_rows, triton_fp8_gemm
     from sfllm_core.kernels.fp8_gemv import fp8_gemv, launch_config
     from sfllm_core.kernels.gemv import gemv
     from sfllm_core.layers.linear import GEMV_MAX_WEIGHT_BYTES
@@ -206,25 +221,48 @@ def kernels(config, sweep: bool) -> dict:
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
     shapes = {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter)}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = {}
     for label, (n, k) in shapes.items():
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        if n * k * 2 <= GEMV_MAX_WEIGHT_BYTES:
-            bf16_us = _time_us(lambda w=w, x=x: gemv(x, w))
-        else:
-            bf16_us = _time_us(lambda w=w, x=x: F.linear(x, w))
+
+        def bf16_call(n=n, k=k, x=x):
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            if n * k * 2 <= GEMV_MAX_WEIGHT_BYTES:
+                return lambda: gemv(x, w)
+            return lambda: F.linear(x, w)
+
+        bf16_us = _time_us(_rotating(bf16_call, n * k * 2))
         row = {"n": n, "k": k, "bf16_us": bf16_us, "bf16_GBps": n * k * 2 / bf16_us / 1e3}
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         for scheme in SCHEMES:
             fw = Fp8Weight.from_dense(w, scheme)
-            us = _time_us(lambda fw=fw, x=x: fp8_gemv(x, fw.weight, fw.scale, fw.block_n, fw.block_k))
-            blockwise = fw.scale.shape[1] > 1
+
+            def fp8_call(scheme=scheme, n=n, k=k, x=x):
+                f = Fp8Weight.from_dense(torch.randn(n, k, device="cuda") * 0.02, scheme)
+                return lambda: fp8_gemv(x, f.weight, f.scale, f.block_n, f.block_k)
+
+            us = _time_us(_rotating(fp8_call, n * k))
             row[f"{scheme}_us"], row[f"{scheme}_GBps"] = us, n * k / us / 1e3
-            row[f"{scheme}_config"] = launch_config(
-                1, n, k, blockwise, torch.cuda.get_device_properties(0).multi_processor_count
-            )
+            row[f"{scheme}_config"] = launch_config(1, n, k, fw.scale.shape[1] > 1, sms)
             if sweep:
                 row[f"{scheme}_best_us"], row[f"{scheme}_best_config"] = _sweep(fw, x, us, row[f"{scheme}_config"])
+            for m in (256, 2048):
+                xm = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                flops = 2 * m * n * k
+                t = _time_us(lambda fw=fw, xm=xm: fp8_matmul(xm, fw.weight, fw.scale, fw.block_n, fw.block_k), 50)
+                row[f"{scheme}_gemm{m}_TFLOPS"] = flops / t / 1e6
+                if scheme == "block":  # the Triton kernel alone, whatever fp8_matmul chose
+                    t = _time_us(
+                        lambda fw=fw, xm=xm: triton_fp8_gemm(
+                            *quantize_rows(xm, True), fw.weight, fw.scale, fw.block_n, torch.bfloat16
+                        ),
+                        50,
+                    )
+                    row[f"triton_block_gemm{m}_TFLOPS"] = flops / t / 1e6
+                if scheme == "channel":
+                    t = _time_us(lambda xm=xm, w=w: F.linear(xm, w), 50)
+                    row[f"bf16_gemm{m}_TFLOPS"] = flops / t / 1e6
         out[label] = row
         print("kernel", label, row, flush=True)
     return out
@@ -294,6 +332,14 @@ def print_tables(results: dict) -> None:
         for model, rows in kern.items():
             for label, r in rows.items():
                 cells = " | ".join(f"{r[f'{v}_us']:>7.1f} ({r[f'{v}_GBps']:>5.0f})" for v in ("bf16", *SCHEMES))
+                print(f"{model:<11} | {label:<7} {r['n']:>6}x{r['k']:<6} | {cells}")
+        print("GEMM TFLOPS at 256 and 2048 rows: bf16 cuBLAS | fp8 channel | fp8 block (as served) | Triton block")
+        for model, rows in kern.items():
+            for label, r in rows.items():
+                cells = " | ".join(
+                    " ".join(f"{r.get(f'{v}_gemm{m}_TFLOPS', float('nan')):>5.0f}" for m in (256, 2048))
+                    for v in ("bf16", "channel", "block", "triton_block")
+                )
                 print(f"{model:<11} | {label:<7} {r['n']:>6}x{r['k']:<6} | {cells}")
     figures = [
         ("b_ms_per_token", "batch-1 ms/token", "b_floor_ms"),
