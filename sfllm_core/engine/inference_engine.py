@@ -163,6 +163,8 @@ class InferenceEngine:
         self.quantization = "fp8" if self.config.quantization == "fp8" else "none"
         previous = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
+        if self.tp is not None and not loading:
+            torch.manual_seed(self.config.seed)  # random weights: the replicated ones (embeddings) agree across ranks
         try:
             # A checkpoint overwrites every parameter: filling them at random first only costs time.
             with torch.device(self.device), uninitialized_parameters() if loading else contextlib.nullcontext():

@@ -259,7 +259,7 @@ class ModelRunner:
         ctx = ForwardContext(self.backend, meta, self.pool.kv_caches)
         hidden = self.model(input_ids, meta.positions, ctx)
         self._prompt_logprobs(batch, hidden)
-        if not sample_rows:
+        if not sample_rows or (self.tp is not None and not self.tp.is_leader):  # only rank 0 samples
             return None, sample_rows
         return self.model.compute_logits(hidden[meta.logits_indices]), sample_rows
 
