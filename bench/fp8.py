@@ -365,6 +365,11 @@ def print_tables(results: dict) -> None:
                     )
                     floors = f"{bf16_floor:.3f}/{fp8_floor:.3f}"
                 print(f"{model:<11} | {label:<24} | {values} | {floors}")
+    for model, entry in results["models"].items():
+        failed = {k: v for k, v in entry.items() if k.endswith("_error")}
+        failed.update({f"speed {v}": r["error"] for v, r in entry.get("speed", {}).items() if "error" in r})
+        for what, error in failed.items():
+            print(f"{model}: {what} FAILED: {error}")
 
 
 def main() -> None:
