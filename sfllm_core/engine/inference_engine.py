@@ -175,10 +175,10 @@ class InferenceEngine:
         if loading:
             tied = bool(getattr(self.model_config, "tie_word_embeddings", False))
             self.quantization = resolve_quantization(self.config.quantization, path, self.device)
-            weights = load_weights(path, self.dtype, quantization=self.quantization)
-            # Quantized weights (a GGUF's own blocks on the CPU) take their layers' place before the rest loads.
-            # A tensor-parallel rank keeps its slice of each sharded tensor (cut as it streams by).
+            # A tensor-parallel rank reads (or keeps) only its slice of each sharded tensor.
             slices = shard_slices(model) if self.tp is not None else None
+            weights = load_weights(path, self.dtype, quantization=self.quantization, slices=slices)
+            # Quantized weights (a GGUF's own blocks on the CPU) take their layers' place before the rest loads.
             assign_weights(model, install_quantized_weights(model, weights, tied), tied, slices)
         # Loading needs the checkpoint's separate q/k/v and gate/up tensors; serving wants one GEMM each.
         model.fuse_projections()

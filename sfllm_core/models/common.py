@@ -95,7 +95,10 @@ def assign_weights(
             raise UnsupportedModelError(f"{source}: unexpected tensor {name!r} for {type(model).__name__}")
         if name in slices:
             cut = slices[name]
-            tensor = torch.zeros_like(tensor) if cut is None else tensor.narrow(*cut)
+            if cut is None:
+                tensor = torch.zeros_like(tensor)
+            elif tensor.shape[cut[0]] != cut[2]:  # whole (the loader did not cut it already)
+                tensor = tensor.narrow(*cut)
         if param.shape != tensor.shape:
             raise UnsupportedModelError(
                 f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"

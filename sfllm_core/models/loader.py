@@ -165,7 +165,11 @@ def is_fp8_checkpoint(path: str) -> bool:
 
 
 def load_weights(
-    path: str, dtype: torch.dtype, cache_dir: str | None = None, quantization: str = "none"
+    path: str,
+    dtype: torch.dtype,
+    cache_dir: str | None = None,
+    quantization: str = "none",
+    slices: dict[str, tuple[int, int, int] | None] | None = None,
 ) -> Iterator[tuple[str, "torch.Tensor | QuantizedWeight", str]]:
     """Yields (name, tensor in dtype, source file) per stored tensor, named as transformers' *ForCausalLM names it.
 
@@ -174,6 +178,8 @@ def load_weights(
     With quantization "gguf" (GGUF files only), the quantized tensors come first, each as the
     QuantizedWeight it is served in (`linear.install_quantized_weights` takes them), then the dense rest.
     An FP8 checkpoint's weights come the same way with quantization "fp8" (as Fp8Weight), else dequantized.
+    slices (a tensor-parallel rank's, name -> (dim, start, length)): safetensors files give only that
+    part of those tensors (read as such); other sources give them whole, for the caller to cut.
     """
     if quantization == "gguf":
         if not _is_gguf(path):
@@ -187,7 +193,7 @@ def load_weights(
             for name, tensor in _GgufCheckpoint(path).tensors():
                 yield name, tensor.to(dtype), path
             return
-        for name, tensor, _ in _folder_weights(folder, dtype):
+        for name, tensor, _ in _folder_weights(folder, dtype, slices):
             yield name, tensor, path
         return
     from sfllm_core.models.fp8 import fp8_checkpoint_weights, fp8_quantization_config
@@ -197,7 +203,7 @@ def load_weights(
         files = _safetensors_files(Path(path))
         yield from fp8_checkpoint_weights(files, fp8, dtype, _text_model_name, keep_fp8=quantization == "fp8")
         return
-    yield from _folder_weights(Path(path), dtype)
+    yield from _folder_weights(Path(path), dtype, slices)
 
 
 def load_tokenizer(path: str, cache_dir: str | None = None) -> transformers.PreTrainedTokenizerBase:
@@ -318,14 +324,24 @@ def _text_model_name(name: str) -> str | None:
     return name
 
 
-def _folder_weights(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, str]]:
+def _folder_weights(
+    folder: Path, dtype: torch.dtype, slices: dict[str, tuple[int, int, int] | None] | None = None
+) -> Iterator[tuple[str, torch.Tensor, str]]:
+    slices = slices or {}
     for file in _safetensors_files(folder):
         try:
             with safe_open(str(file), framework="pt") as shard:
                 for key in shard.keys():
                     name = _text_model_name(key)
-                    if name is not None:
-                        yield name, shard.get_tensor(key).to(dtype), str(file)
+                    if name is None:
+                        continue
+                    cut = slices.get(name)
+                    if cut is None:
+                        tensor = shard.get_tensor(key)
+                    else:  # only this part is read from the file
+                        dim, start, length = cut
+                        tensor = shard.get_slice(key)[(slice(None),) * dim + (slice(start, start + length),)]
+                    yield name, tensor.to(dtype), str(file)
         except (SafetensorError, OSError) as exc:
             raise UnsupportedModelError(f"{file}: cannot read safetensors ({exc})") from exc
 

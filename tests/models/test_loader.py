@@ -406,3 +406,13 @@ def test_real_gemma_tokenizer_is_converted_once_then_read_from_cache(gemma270m_p
     for text in ["The capital of France is", "<start_of_turn>user\nCafé 日本語 🙂<end_of_turn>\n", "  x\n\ny"]:
         assert converted(text).input_ids == cached(text).input_ids
     assert cached.chat_template == converted.chat_template == loader.GEMMA_CHAT_TEMPLATE
+
+
+def test_a_tensor_parallel_rank_reads_only_its_slices_of_a_folder(qwen3_path):
+    whole = {name: t for name, t, _ in loader.load_weights(qwen3_path, torch.float32)}
+    q, down = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"
+    slices = {q: (0, 32, 32), down: (1, 64, 64)}
+    cut = {name: t for name, t, _ in loader.load_weights(qwen3_path, torch.float32, slices=slices)}
+    assert torch.equal(cut[q], whole[q][32:64]) and torch.equal(cut[down], whole[down][:, 64:128])
+    assert cut.keys() == whole.keys()
+    assert all(torch.equal(cut[name], whole[name]) for name in whole if name not in slices)
