@@ -118,10 +118,11 @@ class Eagle3Proposer(DraftProposer):
             query_lens_cpu=list(counts),
         )
 
-    def _run(self, input_ids: list[int], hidden: torch.Tensor, meta: BatchMetadata):
+    def _run(self, input_ids: "list[int] | torch.Tensor", hidden: torch.Tensor, meta: BatchMetadata):
         start = time.perf_counter()
         self.backend.prepare(meta)
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device)
+        ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.tensor(input_ids, dtype=torch.int64)
+        ids = ids.to(self.device)
         normed, prenorm = self.head(ids, meta.positions, hidden, ForwardContext(self.backend, meta, []), self.kv)
         self.num_head_forwards += 1
         self.head_seconds += time.perf_counter() - start
@@ -166,15 +167,22 @@ class Eagle3Proposer(DraftProposer):
         for seq, state in zip(drafted, states):
             seq.draft_ids[0] = state.first
         hidden = torch.stack([st.hidden for st in states])
+        tokens = torch.tensor([st.first for st in states], dtype=torch.int64).to(self.device)
         live = list(range(len(drafted)))
+        # Each pass feeds the last pass's drafts straight from the device: one read-back at the end.
+        out: list[tuple[list[int], torch.Tensor]] = []
         for j in range(1, max(len(s.draft_ids) for s in drafted)):
             keep = [i for i, r in enumerate(live) if len(drafted[r].draft_ids) > j]
             if len(keep) < len(live):
-                hidden = hidden[torch.tensor(keep, dtype=torch.int64, device=hidden.device)]
+                index = torch.tensor(keep, dtype=torch.int64, device=hidden.device)
+                hidden, tokens = hidden[index], tokens[index]
                 live = [live[i] for i in keep]
             group = [drafted[r] for r in live]
             # Row j of a sequence with L tokens sits at position L - 2 + j and feeds draft j.
             meta = self._meta(group, [s.num_tokens - 2 + j for s in group], [1] * len(group))
-            normed, hidden = self._run([s.draft_ids[j - 1] for s in group], hidden, meta)
-            for seq, token in zip(group, self.head.greedy_tokens(normed).tolist()):
-                seq.draft_ids[j] = token
+            normed, hidden = self._run(tokens, hidden, meta)
+            tokens = self.head.greedy_tokens(normed)
+            out.append((live, tokens))
+        for j, (rows, drafts) in enumerate(out, start=1):
+            for r, token in zip(rows, drafts.tolist()):
+                drafted[r].draft_ids[j] = token
