@@ -90,8 +90,11 @@ def write_kv(
     k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
 ) -> None:
     """Store new keys and values in their cache slots."""
-    k_cache.index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+    for new, cache in ((k, k_cache), (v, v_cache)):
+        new = new.to(cache.dtype)
+        if cache.dtype == torch.float8_e4m3fn:  # the CPU has no float8 index_copy_: copy the bytes
+            cache, new = cache.view(torch.uint8), new.view(torch.uint8)
+        cache.index_copy_(0, slots, new)
 
 
 class TorchPagedAttention(AttentionBackend):
@@ -99,13 +102,18 @@ class TorchPagedAttention(AttentionBackend):
 
     def prepare(self, meta: BatchMetadata) -> None:
         # Slot indices of every sequence's whole context, computed once and shared by all layers.
-        slots = []
+        slots, starts = [], []
         offsets = torch.arange(meta.page_size, device=meta.page_table.device)
         for i, length in enumerate(meta.seq_lens_cpu):
             num_pages = (length + meta.page_size - 1) // meta.page_size
             pages = meta.page_table[i, :num_pages].long()
             slots.append((pages[:, None] * meta.page_size + offsets).flatten()[:length])
+            # Pages in one ascending run (a lone sequence's usually are): its keys are a slice of the cache.
+            ids = pages.tolist() if not pages.is_cuda else []
+            run = bool(ids) and ids[-1] - ids[0] == len(ids) - 1 and ids == list(range(ids[0], ids[-1] + 1))
+            starts.append(ids[0] * meta.page_size if run else None)
         meta.backend_state["seq_slots"] = slots
+        meta.backend_state["seq_slot_start"] = starts
 
     @staticmethod
     def _decode_index(meta: BatchMetadata, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +146,7 @@ class TorchPagedAttention(AttentionBackend):
     def attend(self, q, k_cache, v_cache, meta, scale, sliding_window):
         if "seq_slots" not in meta.backend_state:
             self.prepare(meta)
-        seq_slots = meta.backend_state["seq_slots"]
+        seq_slots, slot_starts = meta.backend_state["seq_slots"], meta.backend_state["seq_slot_start"]
         out = torch.empty_like(q)
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
         start = batched = 0  # start: next token row; batched: sequences already done together
@@ -165,7 +173,12 @@ class TorchPagedAttention(AttentionBackend):
             if qlen == 1:
                 # One query, every kept key visible (the window's older keys are cut above): grouped
                 # matmuls, ~6x faster on the CPU than SDPA's masked GQA path (50 against 320 us at 192 keys).
-                out[start] = self._decode_one(q[start], k_cache[slots], v_cache[slots], scale)
+                base = slot_starts[i]
+                if base is not None:  # a slice instead of a gather (two copies of the keys per layer)
+                    keys, values = k_cache[base + first_key : base + length], v_cache[base + first_key : base + length]
+                else:
+                    keys, values = k_cache[slots], v_cache[slots]
+                out[start] = self._decode_one(q[start], keys, values, scale)
                 start += 1
                 continue
             keys = k_cache[slots].to(q.dtype).transpose(0, 1)  # [Hkv, L, D]

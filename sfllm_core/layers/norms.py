@@ -1,11 +1,14 @@
 """RMSNorm in the two flavours the served models use; both normalise in float32.
 
 `add_norm` carries the residual stream: it returns norm(x + residual) and x + residual, so on
-CUDA the add rides in the norm's kernel instead of costing a launch of its own.
+CUDA the add rides in the norm's kernel instead of costing a launch of its own; on the CPU float32
+rows take one call of kernels/cpu_norm_rope.py instead of a dozen small ops.
 """
 
 import torch
 from torch import nn
+
+from sfllm_core.kernels import cpu_norm_rope
 
 
 class RMSNorm(nn.Module):
@@ -30,6 +33,8 @@ class RMSNorm(nn.Module):
             from sfllm_core.kernels.rmsnorm import rmsnorm
 
             return rmsnorm(x, self.weight, self.eps, self.gemma)
+        if _cpu_kernel_fits(x):
+            return cpu_norm_rope.add_norm(x, self.weight, self.eps, self.gemma)[0]
         return self._reference(x)
 
     def add_norm(
@@ -46,10 +51,24 @@ class RMSNorm(nn.Module):
                 return rmsnorm(x, self.weight, self.eps, self.gemma, residual)
             assert x_norm.gemma == self.gemma
             return rmsnorm(x, self.weight, self.eps, self.gemma, residual, x_norm.weight, x_norm.eps)
+        if _cpu_kernel_fits(x) and (x_norm is None or x_norm.gemma == self.gemma):
+            x_weight, x_eps = (None, 0.0) if x_norm is None else (x_norm.weight, x_norm.eps)
+            return cpu_norm_rope.add_norm(x, self.weight, self.eps, self.gemma, residual, x_weight, x_eps)
         if x_norm is not None:
             x = x_norm(x)
         residual = residual + x
         return self._reference(residual), residual
+
+
+def _cpu_kernel_fits(x: torch.Tensor) -> bool:
+    """float32 rows on the CPU outside autograd: one call of kernels/cpu_norm_rope.py instead of ~10 ops."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 2
+        and not x.requires_grad
+        and cpu_norm_rope.available()
+    )
 
 
 class GemmaRMSNorm(RMSNorm):

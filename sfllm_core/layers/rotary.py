@@ -47,5 +47,15 @@ def norm_and_rotate(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm: RMSNorm, k_norm: RMSNorm, rotary: RotaryEmbedding
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-head RMSNorm of q [T, Hq, D] and k [T, Hk, D], then RoPE (the reference; on CUDA the Triton
-    backend's rotate_and_store does this and the KV write in one kernel)."""
+    backend's rotate_and_store does this and the KV write in one kernel; float32 on the CPU, one call
+    of kernels/cpu_norm_rope.py per tensor)."""
+    if q.device.type == "cpu" and q.dtype == k.dtype == torch.float32 and not q.requires_grad:
+        from sfllm_core.kernels import cpu_norm_rope
+
+        if q_norm.gemma == k_norm.gemma and cpu_norm_rope.available():
+            cache = rotary.cos_sin_cache
+            return (
+                cpu_norm_rope.norm_rope(q, q_norm.weight, q_norm.eps, q_norm.gemma, cache, positions),
+                cpu_norm_rope.norm_rope(k, k_norm.weight, k_norm.eps, k_norm.gemma, cache, positions),
+            )
     return rotary(positions, q_norm(q), k_norm(k))
