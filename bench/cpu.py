@@ -6,10 +6,11 @@ and dequantized to float32 (--quantization none). Prefill and decode are timed a
 run to one new token, decode the rest of a 64-token run. transformers runs the float32 weights;
 llama.cpp (batch 1 only) the GGUF itself, if `llama_cpp` imports here or --llama-python names an
 interpreter where it does (PyPI ships llama-cpp-python as source only: build it in a venv of its own).
-Each figure is the best of --rounds runs, the engines taking turns, so a burst of load on a shared
-machine hits them alike. Prints one table last.
-Usage: .venv/bin/python bench/cpu.py [--model PATH] [--batches 1 8] [--threads N] [--rounds 2]
-       [--llama-python /tmp/llamavenv/bin/python] [--no-transformers] [--json out.json]
+Each figure is the median of --rounds runs, the engines taking turns, so a burst of load on a shared
+machine hits them alike. Prints one table last, then issue 12's CPU checks (ours against llama.cpp
+at the same threads: batch-1 decode and prefill, batch-8 aggregate against 4x llama.cpp's batch 1).
+Usage: .venv/bin/python bench/cpu.py [--model PATH] [--batches 1 8] [--threads N] [--rounds 3]
+       [--llama-python /tmp/llamavenv/bin/python] [--no-transformers] [--no-float32] [--json out.json]
 
 --accuracy instead compares the quantized engine with the float32 one on held prompts: greedy
 continuations (where they part, and the reference's top-2 margin there) and, teacher-forced over
@@ -205,11 +206,38 @@ def accuracy(engines: dict, new_tokens: int = 32) -> dict:
     return summary
 
 
-def best(runs: list[dict]) -> dict:
-    """Per field, the best of the rounds: least time, most tokens per second."""
+def median(runs: list[dict]) -> dict:
+    """Per field, the median of the rounds (the upper one of an even count)."""
     keys = {k for r in runs for k in r if isinstance(r[k], float)}
-    out = {k: (min if k.endswith("_s") and not k.endswith("tok_s") else max)(r[k] for r in runs) for k in keys}
+    out = {k: sorted(r[k] for r in runs)[len(runs) // 2] for k in keys}
     return {**runs[0], **out}
+
+
+def issue_12_summary(rows: list[dict]) -> list[str]:
+    """Issue 12's CPU Must show, from the table's rows: ours (gguf) against llama.cpp at the same threads."""
+    found = {(r["batch"], r["engine"]): r for r in rows}
+    ours1, peer, ours8 = found.get((1, "sfllm-gguf")), found.get((1, "llama.cpp")), found.get((8, "sfllm-gguf"))
+    if ours1 is None or peer is None:
+        return ["issue 12: needs batch 1 of sfllm-gguf and llama.cpp (--llama-python)"]
+    lines = []
+    decode = ours1["decode_tok_s"] / peer["decode_tok_s"]
+    verdict = "faster" if decode > 1 else "SLOWER"
+    lines.append(
+        f"batch-1 decode: {ours1['decode_tok_s']:.1f} against llama.cpp {peer['decode_tok_s']:.1f} tok/s "
+        f"= {decode:.2f}x ({verdict})"
+    )
+    prefill = peer["prefill_s"] / ours1["prefill_s"]
+    lines.append(
+        f"prefill of {PROMPT_LEN} tokens: {ours1['prefill_s']:.3f} against llama.cpp {peer['prefill_s']:.3f} s "
+        f"= {prefill:.2f}x as fast ({'no slower' if prefill >= 1 else 'SLOWER'})"
+    )
+    if ours8 is not None:
+        ratio = ours8["decode_tok_s"] / peer["decode_tok_s"]
+        lines.append(
+            f"batch-8 aggregate decode: {ours8['decode_tok_s']:.1f} tok/s = {ratio:.2f}x llama.cpp's batch 1 "
+            f"({'meets' if ratio >= 4 else 'MISSES'} the 4x asked)"
+        )
+    return lines
 
 
 def main() -> None:
@@ -217,9 +245,10 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--threads", type=int, default=None, help="torch and llama.cpp threads (default: torch's)")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds, engines taking turns; medians shown")
     parser.add_argument("--llama-python", default=None, help="an interpreter with llama_cpp installed")
     parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--no-float32", action="store_true", help="time only the quantized engine of ours")
     parser.add_argument("--accuracy", action="store_true", help="compare quantized and float32 outputs instead")
     parser.add_argument("--json", default=None)
     parser.add_argument("--peer-llama-cpp", default=None, help=argparse.SUPPRESS)
@@ -240,7 +269,8 @@ def main() -> None:
     threads = torch.get_num_threads()
     path = resolve_model_path(args.model)
     engines = {}
-    for quantization in ("gguf", "none"):
+    load_before = os.getloadavg()[0]
+    for quantization in ("gguf",) if args.no_float32 and not args.accuracy else ("gguf", "none"):
         start = time.perf_counter()
         engines[quantization] = InferenceEngine(model_path=args.model, dtype="float32", quantization=quantization)
         print(f"engine (quantization {quantization}) loaded in {time.perf_counter() - start:.1f} s", flush=True)
@@ -268,21 +298,24 @@ def main() -> None:
                 runs.setdefault("transformers", []).append(time_transformers(reference, prompts))
             print(f"batch {batch}: {json.dumps({k: v[-1] for k, v in runs.items()})}", flush=True)
         for name, results in runs.items():
-            rows.append({"batch": batch, "engine": name, **best(results)})
+            rows.append({"batch": batch, "engine": name, **median(results)})
 
     info = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-    info += f"{threads} threads, transformers {transformers.__version__}, load average {os.getloadavg()[0]:.1f}"
+    info += f"{threads} threads, transformers {transformers.__version__}, "
+    info += f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     print(f"\nGemma 3 270M Q4_K_M GGUF, {PROMPT_LEN}-token prompts, {NEW_TOKENS} new tokens, greedy; {info}")
-    print("sfllm-gguf: the GGUF's quantized blocks; sfllm-none: dequantized to float32; best of", args.rounds)
+    print("sfllm-gguf: the GGUF's quantized blocks; sfllm-none: dequantized to float32; median of", args.rounds)
     print(f"{'batch':>5} | {'engine':<13} | {'prefill s':>9} | {'decode tok/s':>12} | {'output tok/s':>12}")
     for r in rows:
         prefill = f"{r['prefill_s']:.3f}" if "prefill_s" in r else "-"
         decode = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "-"
         total = f"{r['tok_s']:.1f}" if "tok_s" in r else "-"
         print(f"{r['batch']:>5} | {r['engine']:<13} | {prefill:>9} | {decode:>12} | {total:>12}")
+    summary = issue_12_summary(rows)
+    print("\n".join(["", f"issue 12 (CPU), {threads} threads each:"] + [f"  {line}" for line in summary]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "info": info}, f, indent=2)
+            json.dump({"rows": rows, "info": info, "issue_12": summary}, f, indent=2)
 
 
 if __name__ == "__main__":
