@@ -104,6 +104,7 @@ class EngineServer:
         # many were admitted since); over the last bound's worth of such looks. An idle queue measures nothing.
         self._service: deque[tuple[float, float, int]] = deque()
         self._backlogged = False  # the last look found requests queued
+        self._admitted_unlooked = 0  # admissions _prune_head forgot since the last look
 
     def run(self) -> None:
         try:
@@ -227,19 +228,30 @@ class EngineServer:
         ahead of it and the rate the queue has admitted requests at while it held some, or by how long the oldest
         has waited (a queue that admits too little to measure)."""
         self._check_queue()
+        self._prune_head()  # the look may be up to QUEUE_CHECK_INTERVAL_S old: the oldest must be one still waiting
         if not self._unadmitted:
             return None
         bound = self.config.max_queue_time_s
-        queued = len(self._unadmitted)  # as of the last look: at most QUEUE_CHECK_INTERVAL_S old
+        queued = len(self._unadmitted)  # a few behind the oldest may have been admitted since the last look
         oldest = time.monotonic() - next(iter(self._unadmitted.values()))[0].arrival_time
         if oldest >= bound / 2:
             return f"more than {bound:g} s (the oldest has waited {oldest:.1f} s)"
         seconds = sum(dt for _, dt, _ in self._service)
         admitted = sum(n for _, _, n in self._service)
-        if seconds >= 1.0 and admitted and queued * seconds / admitted >= bound:
-            per_s = admitted / seconds
-            return f"about {queued / per_s:.0f} s ({queued} ahead, {per_s:.2f} admitted a second)"
+        # None admitted in a second or more of backlog: the rate is below one per `seconds`, so the wait at least this
+        wait = queued * seconds / max(admitted, 1)
+        if seconds >= 1.0 and wait >= bound:
+            return f"about {wait:.0f} s or more ({queued} ahead, {admitted / seconds:.2f} admitted a second)"
         return None
+
+    def _prune_head(self) -> None:
+        """Forget the oldest requests that were admitted or ended since the last look (the next look counts them)."""
+        while self._unadmitted:
+            rid, (seq, _) = next(iter(self._unadmitted.items()))
+            if not (seq.admitted or seq.is_finished):
+                return
+            self._admitted_unlooked += seq.admitted and seq.arrival_time < self._queue_checked_at
+            del self._unadmitted[rid]
 
     def _check_queue(self) -> None:
         """Note the requests admitted since the last look (the service rate), forget those that ended, and refuse
@@ -250,10 +262,12 @@ class EngineServer:
             return
         self._queue_checked_at = now
         bound = self.config.max_queue_time_s
-        admitted = 0
+        looked_before = now - since
+        # of those that were waiting at the last look: the queue's service, not an arrival let straight in
+        admitted, self._admitted_unlooked = self._admitted_unlooked, 0
         for rid, (seq, continuation) in list(self._unadmitted.items()):
             if seq.admitted:
-                admitted += 1
+                admitted += seq.arrival_time < looked_before
             elif seq.is_finished:
                 pass
             elif not continuation and now - seq.arrival_time >= bound:
