@@ -216,13 +216,13 @@ async def load(
     async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as http:
 
         async def one(item: Sent) -> None:
-            try:
-                item.result = await asyncio.wait_for(
-                    serve.openai_request(http, conf, item.request), args.request_timeout_s
+            try:  # item.result is filled in place: a hung request keeps what it got before the timeout
+                await asyncio.wait_for(
+                    serve.openai_request(http, conf, item.request, item.result), args.request_timeout_s
                 )
             except TimeoutError:
                 item.hung = True
-                item.result = serve.Result(start=time.monotonic() - args.request_timeout_s, end=time.monotonic())
+                item.result.end = time.monotonic()
 
         n = 0
         while not stop.is_set():
@@ -258,6 +258,8 @@ def figures(sent: list[Sent], restarts: list[Restart], migrated: int) -> dict:
             kinds["lost"] += 1
         else:
             kinds["completed"] += 1
+    hung = [i for i in sent if i.hung]
+    refused = [i for i in sent if not i.hung and not i.result.ok and i.result.error.startswith("HTTP ")]
     ok = [i for i in sent if i.result.ok and not i.hung]
     split: dict[str, dict[str, list[float]]] = {"during": {"ttft": [], "itl": []}, "outside": {"ttft": [], "itl": []}}
     for item in ok:
@@ -273,6 +275,19 @@ def figures(sent: list[Sent], restarts: list[Restart], migrated: int) -> dict:
         "errored": kinds["errored"],
         "hung": kinds["hung"],
         "lost": kinds["lost"],
+        "ttft_max_s": round(max((i.result.ttft for i in ok), default=0.0), 1),
+        # where the hung ones were when the timeout came: still waiting to start, or streaming (after how long a wait)
+        "hung_streaming": sum(1 for i in hung if i.result.chunk_times),
+        "hung_waited_s": {
+            k: round(v / 1000, 1)
+            for k, v in percentiles(
+                [i.result.chunk_times[0] - i.result.start for i in hung if i.result.chunk_times]
+            ).items()
+        },  # fmt: skip
+        "refused_statuses": dict(Counter(i.result.error.split(":", 1)[0].removeprefix("HTTP ") for i in refused)),
+        # how long a refused request waited for its refusal: shedding should be prompt
+        "refusal_s": {k: round(v / 1000, 2) for k, v in percentiles([i.result.latency for i in refused]).items()}
+        | {"max": round(max((i.result.latency for i in refused), default=0.0), 2)},
         "errors": sorted({i.result.error for i in sent if not i.result.ok and i.result.error})[:5],
         **{
             f"{name}_ms_{where}": percentiles(split[where][name]) | {"n": len(split[where][name])}
@@ -305,8 +320,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gap-s", type=float, default=10.0, help="load between one worker's return and the next SIGTERM")
     p.add_argument("--tail-s", type=float, default=15.0, help="load after the last worker's return")
     p.add_argument("--request-timeout-s", type=float, default=120.0, help="a request not ended by then is hung")
+    p.add_argument(
+        "--accept-refusals",
+        action="store_true",
+        help="past capacity: a 429 is load shed, not a failure (exit 1 only for errored, hung or lost requests, "
+        "or a refusal slower than --max-refusal-s)",
+    )
+    p.add_argument("--max-refusal-s", type=float, default=30.0, help="with --accept-refusals: the slowest 429 allowed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the figures here")
+    p.add_argument("--log-dir", default=None, help="keep the workers' and the gateway's logs here (default: dropped)")
     return p
 
 
@@ -376,11 +399,23 @@ def main(argv: list[str] | None = None) -> int:
             args.model = tiny_model(Path(tmp))
             args.worker_args = TINY_WORKER_ARGS if args.worker_args is None else args.worker_args
         args.worker_args = args.worker_args or ""
-        report = run(args, Path(tmp))
+        logs = Path(args.log_dir) if args.log_dir else Path(tmp)
+        logs.mkdir(parents=True, exist_ok=True)
+        report = run(args, logs)
     print_report(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    return 1 if report["refused"] or report["errored"] or report["hung"] or report["lost"] else 0
+    return 1 if failed(report, args) else 0
+
+
+def failed(report: dict, args: argparse.Namespace) -> bool:
+    """Any request errored, hung or lost; or refused, unless refusals are accepted (each a prompt 429)."""
+    if report["errored"] or report["hung"] or report["lost"]:
+        return True
+    if not args.accept_refusals:
+        return report["refused"] > 0
+    slow = report["refused"] and report["refusal_s"]["max"] > args.max_refusal_s
+    return bool(slow or set(report["refused_statuses"]) - {"429"})
 
 
 def print_report(report: dict) -> None:
@@ -390,6 +425,19 @@ def print_report(report: dict) -> None:
         f"{report['migrated']}, refused {report['refused']}, errored {report['errored']}, hung {report['hung']}, "
         f"lost {report['lost']}"
     )
+    print(f"  TTFT at most {report['ttft_max_s']} s")
+    if report["hung"]:
+        w = report["hung_waited_s"]
+        print(
+            f"  hung: {report['hung_streaming']} of {report['hung']} had begun to stream (after waiting s: median "
+            f"{w['median']}, p90 {w['p90']}), the others never started"
+        )
+    if report["refused"]:
+        r = report["refusal_s"]
+        print(
+            f"  refused: statuses {report['refused_statuses']}, after (s) median {r['median']}, p90 {r['p90']}, "
+            f"max {r['max']}"
+        )
     for r in report["restarts"]:
         print(
             f"  {r['worker']}: SIGTERM at {r['sigterm_s']} s, drained and exited {r['exit_code']} after "

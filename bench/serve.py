@@ -23,6 +23,7 @@ import multiprocessing as mp
 import random
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -149,7 +150,22 @@ def sharegpt_requests(
 # -- one request per backend ------------------------------------------------------------------------
 
 
-async def openai_request(http, conf: dict, req: Request) -> Result:
+async def sse_lines(response) -> AsyncIterator[bytes]:
+    """The lines of an SSE body, split at LF (and CRLF) only. Not httpx's aiter_lines: that splits at every line
+    break str.splitlines knows, and a token's text in a JSON string may hold U+0085 or U+2028 unescaped."""
+    buffer = b""
+    async for chunk in response.aiter_bytes():
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r")
+    if buffer:
+        yield buffer
+
+
+async def openai_request(http, conf: dict, req: Request, result: Result | None = None) -> Result:
+    """One streamed request; `result`, when given, is filled in place (a caller that gives up early keeps what
+    came so far)."""
     chat = conf["backend"] == "openai-chat"
     body = {
         "model": conf["model"],
@@ -167,15 +183,18 @@ async def openai_request(http, conf: dict, req: Request) -> Result:
         body["prompt"] = req.prompt
     url = conf["base_url"].rstrip("/") + ("/chat/completions" if chat else "/completions")
     headers = {"Authorization": f"Bearer {conf['api_key']}"} if conf.get("api_key") else {}
-    result = Result(start=time.monotonic(), prompt_tokens=req.prompt_len)
+    if result is None:
+        result = Result()
+    result.start, result.prompt_tokens = time.monotonic(), req.prompt_len
     usage_tokens = None
     try:
         async with http.stream("POST", url, json=body, headers=headers) as response:
             if response.status_code != 200:
                 result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                result.end = time.monotonic()
                 return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
+            async for line in sse_lines(response):
+                if not line.startswith(b"data: ") or line == b"data: [DONE]":
                     continue
                 now = time.monotonic()
                 chunk = orjson.loads(line[6:])
@@ -192,6 +211,7 @@ async def openai_request(http, conf: dict, req: Request) -> Result:
                     result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
     except Exception as exc:  # a broken connection is a failed request, not a failed benchmark
         result.error = f"{type(exc).__name__}: {exc}"
+        result.end = time.monotonic()
         return result
     return _finish(result, usage_tokens)
 

@@ -27,8 +27,16 @@ _POSITIVE_FLOATS = (
     "resolve_interval_s",
     "breaker_open_timeout_s",
     "retry_budget_window_s",
+    "keepalive_time_s",
+    "keepalive_timeout_s",
 )
-_NON_NEGATIVE_FLOATS = ("retry_backoff_base_s", "retry_backoff_cap_s", "retry_budget_ratio", "retry_budget_min_per_s")
+_NON_NEGATIVE_FLOATS = (
+    "retry_backoff_base_s",
+    "retry_backoff_cap_s",
+    "retry_budget_ratio",
+    "retry_budget_min_per_s",
+    "start_timeout_s",
+)
 
 
 @dataclass
@@ -42,6 +50,9 @@ class GatewayConfig:
     processes: int = 1  # gateway processes sharing the port, each with its own router state
     api_keys: list[str] = field(default_factory=list)  # empty: no authentication
     max_in_flight: int = 1024  # requests the gateway holds at once; past it, 429
+    # A request that no worker has started (its first token computed) this long after it arrived gets 429: it waited
+    # in full queues, retries or a slow prefill, and its client is better told to come back. 0: no bound.
+    start_timeout_s: float = 60.0
     max_request_bytes: int = 8 * 1024 * 1024
     max_attempts: int = 3  # workers tried for one request before its first token
     # Times one streamed completion may move to another worker after part of it reached the client; 0: never.
@@ -50,6 +61,11 @@ class GatewayConfig:
     health_timeout_s: float = 1.0
     load_interval_s: float = 0.25
     resolve_interval_s: float = 10.0
+    # HTTP/2 keepalive on each worker channel: a connection that has received nothing for keepalive_time_s is pinged,
+    # and closed (its calls fail over) when that ping, or any other, goes unanswered for keepalive_timeout_s. Their sum
+    # bounds how long a stream waits on a silent worker. Workers must permit pings this often (worker/server.py).
+    keepalive_time_s: float = 2.0
+    keepalive_timeout_s: float = 2.0
     prefix_chunk_chars: int = 64  # granularity of prefix affinity (the gateway has no tokenizer)
     prefix_max_chars: int = 4096  # only this much of a prompt is hashed
     prefix_load_factor: float = 1.5  # a worker may carry this times the mean load before prefix affinity yields
@@ -90,6 +106,10 @@ class GatewayConfig:
             raise ValueError(f"retry_backoff_cap_s must be >= retry_backoff_base_s ({self.retry_backoff_base_s})")
         if self.prefix_load_factor < 1.0:
             raise ValueError(f"prefix_load_factor must be >= 1, got {self.prefix_load_factor}")
+        if self.keepalive_time_s < 1.0:  # workers answer pings more frequent than a second with GOAWAY
+            raise ValueError(
+                f"keepalive_time_s must be >= 1 (a worker permits a ping a second), got {self.keepalive_time_s}"
+            )
         if self.max_migrations < 0:
             raise ValueError(f"max_migrations must be >= 0, got {self.max_migrations}")
 

@@ -23,6 +23,11 @@ Failure semantics (what the client sees):
   sequences, and also sends Abort for good measure.
 - A Generate request over the worker's message-size limit is the client's fault (413); it is
   never retried and never marks the worker busy.
+- A request that no worker has accepted (its first token computed) within `start_timeout_s` of the
+  run's start gets 429 with Retry-After, whatever held it: full queues, retries, a slow prefill.
+  Workers bound their own queues in time too (--max-queue-time-s); this bounds the whole wait. A
+  worker's refusal that comes after its call waited a while (the queue-time bound, not its door) is
+  answered 429 at once rather than sent to wait in another queue.
 
 Events are handed on in batches (`batches()`): everything that arrived since the consumer last
 looked, so a slow consumer gets larger batches instead of a longer queue.
@@ -154,8 +159,10 @@ class GenerationRun:
         max_attempts: int,
         buffered: bool,
         max_migrations: int = 0,
+        start_timeout_s: float = 0.0,
     ) -> None:
         self.request_id = request_id
+        self.start_timeout_s = start_timeout_s  # 0: start() waits as long as the workers take
         self.jobs = jobs
         self.router = router
         self.pool = pool
@@ -177,14 +184,21 @@ class GenerationRun:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        """Send every prompt to a worker and wait until each is accepted; raises APIError otherwise."""
+        """Send every prompt to a worker and wait until each is accepted; raises APIError otherwise: 429 when they
+        are not all accepted within `start_timeout_s` (their calls are cancelled, so the workers drop them)."""
         self._tasks = [asyncio.create_task(self._run_job(i, job)) for i, job in enumerate(self.jobs)]
         try:
-            pending: set[asyncio.Future[int]] = set(self._accepted)
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for future in done:
-                    future.result()  # raises the job's APIError
+            async with asyncio.timeout(self.start_timeout_s or None):
+                pending: set[asyncio.Future[int]] = set(self._accepted)
+                while pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for future in done:
+                        future.result()  # raises the job's APIError
+        except TimeoutError:
+            await self.close()
+            self.metrics.requests_not_started.inc()
+            message = f"no worker started the request within {self.start_timeout_s:g} s; retry later"
+            raise errors.overloaded(message) from None
         except BaseException:
             await self.close()
             raise
@@ -265,6 +279,9 @@ class GenerationRun:
         if leg is None:
             leg = self._first_leg(job)
         tried: set[str] = set(leg.exclude)
+        # Workers this request left (drained, silent, or the failure it migrates from), and when: one admitted again
+        # since (a rolling restart's return) may be tried again rather than the request fail for want of workers.
+        left_at = dict.fromkeys(leg.exclude, time.monotonic())
         failures = 0
         busy = 0
         last_failure = ""
@@ -273,7 +290,7 @@ class GenerationRun:
         wait_for_room_until = time.monotonic() + _MIGRATION_ROOM_WAIT_S if leg.migrations else 0.0
         while True:
             try:
-                worker = self.router.pick(job.route_key, exclude=tried)
+                worker = self.router.pick(job.route_key, exclude=tried, ignore_holds=bool(leg.migrations))
             except UnknownModel as exc:
                 raise errors.model_not_found(exc.model) from None
             except AllWorkersBusy as exc:
@@ -282,9 +299,17 @@ class GenerationRun:
                     continue
                 raise errors.overloaded(str(exc), exc.retry_after_s) from None
             except NoWorkerAvailable as exc:
+                workers = self.router.workers
+                back = {a for a, t in left_at.items() if (w := workers.get(a)) and w.healthy and w.admitted_at > t}
+                if back:  # admitted again since this request left it (a rolling restart): it may be tried again
+                    tried -= back
+                    for address in back:
+                        del left_at[address]
+                    continue
                 if busy and not failures and time.monotonic() < wait_for_room_until:
                     tried = set(leg.exclude)  # every one left refused with a full queue: try them again once they may
-                    continue  # have room (their holds, gateway/router.py, keep this from spinning)
+                    await asyncio.sleep(_ROOM_POLL_S)  # have room (a continuation ignores the busy holds)
+                    continue
                 if busy and not failures:
                     raise errors.overloaded("every worker's queue is full; retry later") from None
                 message = f"{exc}" + (f" (last worker failure: {last_failure})" if last_failure else "")
@@ -324,6 +349,10 @@ class GenerationRun:
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     worker.mark_busy(_retry_after_s(exc))
                     busy += 1
+                    if not leg.migrations and time.monotonic() - attempt.started_at >= _QUEUED_REFUSAL_S:
+                        # refused after waiting in the worker's queue (its --max-queue-time-s), not at its door:
+                        # another queue would likely hold it as long, so the client hears now
+                        raise errors.overloaded(f"the request waited in a full queue: {exc.details()}") from None
                     self.metrics.retries.labels("worker_busy").inc()
                     continue
                 draining = _metadata(exc, DRAINING_KEY) is not None
@@ -354,6 +383,7 @@ class GenerationRun:
             if failures >= self.max_attempts:
                 raise errors.no_healthy_worker(f"gave up after {failures} failed attempts; last: {last_failure}")
             if left:  # sent elsewhere at once, as a full queue is: the worker failed nothing
+                left_at[worker.address] = time.monotonic()
                 self.metrics.retries.labels("worker_draining" if drained else "worker_silent").inc()
                 continue
             retrying = True
@@ -522,6 +552,9 @@ _DRAINING = "UNAVAILABLE: the worker is draining"
 _DRAINED = (_DRAINING, f"FINISH_REASON_ABORT: {DRAINED_ERROR}")
 # How long a migrated stream waits for a worker with room (the client's stream stalls) before it ends with an error.
 _MIGRATION_ROOM_WAIT_S = 10.0
+_ROOM_POLL_S = 0.1  # how often it asks again meanwhile
+# A RESOURCE_EXHAUSTED that came this long after its call began was a wait in the queue, not a refusal at its door.
+_QUEUED_REFUSAL_S = 1.0
 # A call the pool cancelled because its worker went silent (WorkerPool.evict_silent_calls).
 _SILENT = "UNAVAILABLE: evicted from a silent worker"
 

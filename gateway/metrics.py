@@ -143,6 +143,12 @@ class GatewayMetrics:
             ["worker"],
             registry=r,
         )
+        self.requests_not_started = Counter(
+            PREFIX + "requests_not_started_in_time",
+            "Requests refused with 429 because no worker had started them (their first token) within "
+            "--start-timeout-s of their arrival",
+            registry=r,
+        )
         self.retry_backoff = Histogram(
             PREFIX + "retry_backoff_seconds",
             "Waits before a retry on another worker after a failure",

@@ -588,6 +588,7 @@ class NativeServing:
             self.config.max_attempts,
             not req.stream,
             max_migrations=self.config.max_migrations,
+            start_timeout_s=self.config.start_timeout_s,
         )
         record.run = run
         try:

@@ -69,6 +69,7 @@ class WorkerHandle:
     busy_since: float = 0.0  # when the last refusal came: only news from after it clears the mark
     busy_streak: int = 0  # refusals since the worker last showed room; each doubles the hold
     failed_checks: int = 0  # consecutive failed health checks
+    admitted_at: float = 0.0  # time.monotonic() of its last admission to routing (a restarted worker's return)
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)  # fed by the requests' outcomes
     client: Any = None  # the pool's connection (channel and stubs); the router never touches it
     # The calls open on the worker (gateway/generation.py's attempts, each with evict(reason) and
@@ -284,11 +285,13 @@ class Router:
         if known and model not in known:
             raise UnknownModel(model)
 
-    def pick(self, key: RouteKey, exclude: Iterable[str] = ()) -> WorkerHandle:
+    def pick(self, key: RouteKey, exclude: Iterable[str] = (), ignore_holds: bool = False) -> WorkerHandle:
         """The worker for this request, skipping `exclude` (addresses already tried).
 
         Raises UnknownModel, NoWorkerAvailable (nothing healthy left, or every breaker open) or
-        AllWorkersBusy (all queues full). A half-open breaker allows only its trials at a time.
+        AllWorkersBusy (all queues full). A half-open breaker allows only its trials at a time. With
+        `ignore_holds`, a worker held back for refusing calls with a full queue is a candidate still (a continuation:
+        workers refuse new requests for their wait, never a continuation).
         """
         self.check_model(key.model)
         excluded = set(exclude)
@@ -299,7 +302,7 @@ class Router:
         if not allowed:
             raise NoWorkerAvailable(f"every healthy worker serving {key.model!r} has its circuit breaker open")
         now = time.monotonic()
-        candidates = [w for w in allowed if not w.queue_full(now)]
+        candidates = allowed if ignore_holds else [w for w in allowed if not w.queue_full(now)]
         if not candidates:
             wait = min(w.busy_until for w in allowed) - now
             message = f"every worker serving {key.model!r} has a full queue"

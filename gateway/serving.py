@@ -377,6 +377,7 @@ class OpenAIServing:
             self.config.max_attempts,
             buffered=not req.stream,
             max_migrations=self.config.max_migrations,
+            start_timeout_s=self.config.start_timeout_s,
         )
         record.run = run
         try:

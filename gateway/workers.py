@@ -10,8 +10,8 @@ cannot connect (TRANSIENT_FAILURE), and re-admitted when its health check passes
 A worker can also go silent without closing anything (its process frozen, or cut off by a network
 partition): then TCP stays open and no call fails by itself. Two things bound what that costs.
 Each channel sends HTTP/2 keepalive pings, and a connection whose ping goes unanswered for
-KEEPALIVE_TIMEOUT_MS is closed: its calls fail with UNAVAILABLE and are retried or migrated, within
-KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS of the silence (whatever the health settings). And when the
+--keepalive-timeout-s is closed: its calls fail with UNAVAILABLE and are retried or migrated, within
+--keepalive-time-s + --keepalive-timeout-s of the silence (whatever the health settings). And when the
 health checks eject a worker as silent (failed checks, not NOT_SERVING), its calls that have received
 nothing for a health timeout are evicted (cancelled) at once, and fail over the same way. A
 NOT_SERVING or draining worker's calls are left alone: they finish there or the drain ends them.
@@ -40,28 +40,36 @@ from protos.sfllm.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("sfllm.gateway")
 
-# HTTP/2 keepalive: a connection that has received nothing for KEEPALIVE_TIME_MS is pinged, and closed if the ping
-# is not answered within KEEPALIVE_TIMEOUT_MS. The worker answers pings from gRPC's own threads, whatever its Python
-# side is busy with, so a loaded worker is not taken for a silent one. Workers must permit pings this often with no
-# calls open (worker/server.py), or they answer with GOAWAY ("too_many_pings").
-KEEPALIVE_TIME_MS = 2000
-KEEPALIVE_TIMEOUT_MS = 2000
-_CHANNEL_OPTIONS = [
-    # a restarted worker should be reachable within about a second, not after gRPC's default backoff (up to 2 min)
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.enable_retries", 0),  # the router retries, on another worker
-    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-    ("grpc.keepalive_permit_without_calls", 1),  # between requests too: a silent worker is found before one comes
-    ("grpc.http2.max_pings_without_data", 0),  # a server-streaming call sends no data after its request
-    # Any ping, not only keepalive's: the flow-control (BDP) ping sent as data arrives may be the one in flight when
-    # the worker goes silent, and with one ping in flight at most, keepalive's own waits behind it (1 min by default).
-    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-]
+
+def channel_options(config: GatewayConfig) -> list[tuple[str, int]]:
+    """The options of every worker channel, keepalive from the config.
+
+    HTTP/2 keepalive: a connection that has received nothing for keepalive_time_s is pinged, and closed if the ping
+    is not answered within keepalive_timeout_s. The worker answers pings from gRPC's own threads, whatever its Python
+    side is busy with, so a loaded worker is not taken for a silent one. Workers permit a ping a second with no calls
+    open (worker/server.py); more often, they answer with GOAWAY ("too_many_pings"), hence keepalive_time_s >= 1.
+    """
+    keepalive_time_ms = round(config.keepalive_time_s * 1000)
+    keepalive_timeout_ms = round(config.keepalive_timeout_s * 1000)
+    return [
+        # a restarted worker should be reachable within about a second, not after gRPC's default backoff (up to 2 min)
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ("grpc.enable_retries", 0),  # the router retries, on another worker
+        ("grpc.keepalive_time_ms", keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),  # between requests too: a silent worker is found before one comes
+        ("grpc.http2.max_pings_without_data", 0),  # a server-streaming call sends no data after its request
+        # Any ping, not only keepalive's: the flow-control (BDP) ping sent as data arrives may be the one in flight
+        # when the worker goes silent, and with one ping in flight at most, keepalive's own waits behind it (1 min by
+        # default).
+        ("grpc.http2.ping_timeout_ms", keepalive_timeout_ms),
+    ]
+
+
 _UNHEALTHY_AFTER = 2  # consecutive failed health checks before an admitted worker is ejected
 # Ejections that say the worker is up and knows it is leaving (NOT_SERVING, draining): its calls are left to end there.
 _ALIVE_REASONS = ("health_not_serving", "draining")
@@ -70,8 +78,8 @@ _ALIVE_REASONS = ("health_not_serving", "draining")
 class WorkerClient:
     """The gRPC channel to one worker and the stubs on it."""
 
-    def __init__(self, address: str) -> None:
-        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    def __init__(self, address: str, options: list[tuple[str, int]]) -> None:
+        self.channel = grpc.aio.insecure_channel(address, options=options)
         self.worker = worker_pb2_grpc.WorkerStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -153,7 +161,8 @@ class WorkerPool:
         wanted = {a for addresses in self._entry_addresses.values() for a in addresses}
         for address in wanted - set(self.router.workers):
             breaker = CircuitBreaker(self.breaker_settings, on_transition=self._breaker_moved(address))
-            worker = WorkerHandle(address=address, client=WorkerClient(address), breaker=breaker)
+            client = WorkerClient(address, channel_options(self.config))
+            worker = WorkerHandle(address=address, client=client, breaker=breaker)
             self.router.add(worker)
             self.metrics.worker_healthy.labels(address).set(0)
             self.metrics.worker_circuit_state.labels(address).set(BreakerState.CLOSED)
@@ -238,6 +247,7 @@ class WorkerPool:
             worker.info = info
             worker.failed_checks = 0
             worker.healthy = True
+            worker.admitted_at = time.monotonic()
             if worker.breaker is not None:
                 worker.breaker.readmitted()
             self.metrics.worker_healthy.labels(worker.address).set(1)

@@ -4,6 +4,7 @@ import pytest
 
 from gateway.auth import ApiKeyChecker
 from gateway.config import GatewayConfig
+from gateway.workers import channel_options
 
 
 def test_flags_win_over_environment() -> None:
@@ -50,3 +51,19 @@ def test_api_keys() -> None:
     assert checker.allows("Bearer secret") and checker.allows("bearer other")
     for header in (None, "", "Bearer", "Bearer wrong", "Basic secret", "secret"):
         assert not checker.allows(header)
+
+
+def test_keepalive_and_start_timeout_are_flags_and_reach_every_worker_channel() -> None:
+    defaults = GatewayConfig.from_args(["--workers", "a:1"], {})
+    assert (defaults.keepalive_time_s, defaults.keepalive_timeout_s, defaults.start_timeout_s) == (2.0, 2.0, 60.0)
+    env = {"SFLLM_GATEWAY_KEEPALIVE_TIMEOUT_S": "7.5", "SFLLM_GATEWAY_START_TIMEOUT_S": "0"}
+    config = GatewayConfig.from_args(["--workers", "a:1", "--keepalive-time-s", "10"], env)
+    assert (config.keepalive_time_s, config.keepalive_timeout_s, config.start_timeout_s) == (10.0, 7.5, 0.0)
+    options = dict(channel_options(config))
+    assert options["grpc.keepalive_time_ms"] == 10_000
+    # every ping, keepalive's or flow control's, is given the same time before the connection is closed
+    assert options["grpc.keepalive_timeout_ms"] == options["grpc.http2.ping_timeout_ms"] == 7_500
+    # workers answer pings more often than one a second with GOAWAY; a start timeout cannot be negative
+    for flags in (["--keepalive-time-s", "0.5"], ["--keepalive-timeout-s", "0"], ["--start-timeout-s", "-1"]):
+        with pytest.raises(SystemExit):
+            GatewayConfig.from_args(["--workers", "a:1", *flags], {})

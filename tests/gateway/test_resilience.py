@@ -400,6 +400,56 @@ def test_a_full_queue_holds_a_worker_back_in_proportion_and_room_ends_the_hold_a
         gw.stop()
 
 
+def test_a_request_no_worker_starts_within_the_start_timeout_gets_429_and_leaves_the_worker_s_queue(
+    spawn: Callable[..., WorkerProcess], model_name: str
+) -> None:
+    """--start-timeout-s bounds the whole wait before a request starts, whatever holds it: here the queue of a worker
+    with no queue-time bound of its own (--max-queue-time-s 0) whose only slot is taken. The request, streamed or
+    not, gets 429 with Retry-After and the OpenAI body once the timeout has passed, no later, and its sequence leaves
+    the worker's queue (the gateway cancels the call)."""
+    small = spawn("--max-num-seqs", "1", "--max-waiting", "4", "--debug-step-delay-s", "0.05", "--max-queue-time-s",
+                  "0")  # fmt: skip
+    timeout = 1.0
+    gw = GatewayServer(gateway_config([small.target], start_timeout_s=timeout)).start()
+    holder = None
+    try:
+        gw.wait_healthy(1)
+        with WorkerClient(small.target, timeout=5) as direct, httpx.Client(base_url=gw.url, timeout=30) as http:
+            holder = direct.stub.Generate(build_request(PROMPT, request_id="hold", max_tokens=900, ignore_eos=True))
+            wait_for(lambda: direct.load().num_requests_running == 1, 30, "the holder to run")
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            for stream in (False, True):
+                body = {"model": model_name, "prompt": "one more", "max_tokens": 2, "stream": stream}
+                replies: list[tuple[httpx.Response, float]] = []
+
+                def send(body: dict = body, replies: list = replies) -> None:
+                    began = time.monotonic()
+                    replies.append((http.post("/v1/completions", json=body, headers=headers), time.monotonic() - began))
+
+                sender = threading.Thread(target=send)
+                sender.start()
+                wait_for(lambda: direct.load().num_requests_waiting == 1, 10, "the request to wait in the queue")
+                sender.join(timeout=30)
+                reply, took = replies[0]
+                assert reply.status_code == 429, reply.text
+                assert int(reply.headers["retry-after"]) >= 1
+                error = reply.json()["error"]
+                assert set(error) == {"message", "type", "param", "code"}, error
+                assert (error["type"], error["code"]) == ("rate_limit_error", "server_overloaded"), error
+                assert f"within {timeout:g} s" in error["message"], error
+                assert timeout <= took < timeout + 3.0, took  # it waited the bound, and not much more
+                wait_for(lambda: direct.load().num_requests_waiting == 0, 10, "the refused request to leave the queue")
+            assert sample(gw, "sfllm_gateway:requests_not_started_in_time_total") == 2
+            holder.cancel()
+            reply = http.post("/v1/completions", json={"model": model_name, "prompt": "after", "max_tokens": 2},
+                              headers=headers)  # fmt: skip
+            assert reply.status_code == 200, reply.text
+    finally:
+        if holder is not None:
+            holder.cancel()
+        gw.stop()
+
+
 def test_a_draining_worker_is_retried_on_the_other_one(
     workers: list[WorkerProcess], spawn: Callable[..., WorkerProcess], model_name: str
 ) -> None:
@@ -445,9 +495,13 @@ def test_a_draining_worker_is_retried_on_the_other_one(
 def sse_lines(url: str, body: dict) -> Iterator[str]:
     with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/completions", json=body) as response:
         assert response.status_code == 200, response.read()
-        for line in response.iter_lines():
-            if line:
-                yield line
+        # SSE lines end at LF only; iter_lines would also split at U+2028 and the like, which a token's text may hold
+        buffer = b""
+        for chunk in response.iter_bytes():
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            yield from (line.removesuffix(b"\r").decode() for line in lines if line.strip())
+        if buffer.strip():
+            yield buffer.decode()
 
 
 def test_gateway_sigterm_lets_streams_in_flight_finish_and_exits_0(

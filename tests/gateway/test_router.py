@@ -149,6 +149,22 @@ def test_router_errors() -> None:
     assert router.models() == {}
 
 
+def test_a_continuation_may_go_to_a_worker_held_back_for_refusing_new_requests() -> None:
+    """Workers refuse new requests for their queue's wait, never a continuation: the busy hold their refusals set
+    keeps new requests off them, not a migrated stream."""
+    handles = workers(2)
+    router = router_with("round_robin", handles)
+    handles[0].mark_busy(5.0)
+    handles[0].mark_busy(5.0)
+    assert {router.pick(key()).address for _ in range(4)} == {handles[1].address}
+    handles[1].mark_busy(5.0)
+    with pytest.raises(AllWorkersBusy):
+        router.pick(key())
+    assert {router.pick(key(), ignore_holds=True).address for _ in range(4)} == {h.address for h in handles}
+    handles[0].healthy = False  # health and breakers still rule
+    assert {router.pick(key(), ignore_holds=True).address for _ in range(4)} == {handles[1].address}
+
+
 def test_router_serves_each_model_from_its_own_workers() -> None:
     router = router_with("least_load", workers(1, "a") + [WorkerHandle("10.0.1.1:1", healthy=True, model="b")])
     assert router.pick(RouteKey("b", "x")).address == "10.0.1.1:1"

@@ -30,16 +30,18 @@ from reliability_harness import (
     wait_for,
 )
 
-from gateway.workers import _UNHEALTHY_AFTER, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
+from gateway.config import GatewayConfig
+from gateway.workers import _UNHEALTHY_AFTER
 
 # Ejection takes _UNHEALTHY_AFTER failed health checks. Each round of the worker's watcher waits out the check's
 # timeout, then the check interval (it sleeps a load interval at a time); a GetLoad poll in flight when the silence
 # began waits out one timeout more. Two loaded cores get two seconds more.
 _ROUND_S = FAST_HEALTH["health_timeout_s"] + FAST_HEALTH["health_interval_s"] + LOAD_INTERVAL_S
 EJECTION_BOUND_S = _UNHEALTHY_AFTER * _ROUND_S + FAST_HEALTH["health_timeout_s"] + 2.0
-# Keepalive: a ping KEEPALIVE_TIME_MS after the last data received, unanswered KEEPALIVE_TIMEOUT_MS later, closes the
+# Keepalive: a ping keepalive_time_s after the last data received, unanswered keepalive_timeout_s later, closes the
 # connection and fails its calls (sooner when a flow-control ping was in flight as the silence began).
-KEEPALIVE_BOUND_S = (KEEPALIVE_TIME_MS + KEEPALIVE_TIMEOUT_MS) / 1000 + 2.0
+_DEFAULTS = GatewayConfig()  # the tests' gateways keep its keepalive settings (--keepalive-time-s and -timeout-s)
+KEEPALIVE_BOUND_S = _DEFAULTS.keepalive_time_s + _DEFAULTS.keepalive_timeout_s + 2.0
 # The calls in flight on a silent worker leave it at its ejection or its keepalive failure, whichever comes first.
 RELEASE_BOUND_S = min(EJECTION_BOUND_S, KEEPALIVE_BOUND_S)
 READMISSION_BOUND_S = 15.0  # TCP's retransmission backoff after a partition of seconds, then one passing check
