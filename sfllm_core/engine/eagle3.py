@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from sfllm_core.engine.model_runner import graph_batch_sizes
 from sfllm_core.engine.request_sequence import RequestSequence
 from sfllm_core.engine.speculative import DraftProposer
 from sfllm_core.layers.attention import AttentionBackend, BatchMetadata
@@ -48,6 +49,97 @@ class _HeadState:
 
     def __init__(self, length: int, first: int, hidden: torch.Tensor) -> None:
         self.length, self.first, self.hidden = length, first, hidden
+
+
+class _DraftPasses:
+    """Drafting passes (one row per sequence) on static buffers at a ladder of batch sizes, replayed
+    from CUDA graphs on CUDA (an eager pass launches some 40 small kernels from the host); on the CPU
+    the same buffers run eagerly. Padding rows sit at position 0 on the scratch page."""
+
+    def __init__(self, proposer: "Eagle3Proposer", sizes: list[int], max_pages: int, max_seq_len: int) -> None:
+        self.proposer, self.sizes, self.max_seq_len = proposer, sizes, max_seq_len
+        dev, n = proposer.device, sizes[-1]
+        head = proposer.head
+        self.ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.hidden = torch.zeros(n, head.hidden_size, dtype=proposer.kv[0].dtype, device=dev)
+        self.inputs = torch.zeros(3, n, dtype=torch.int64, device=dev)  # positions, slots, seq_lens
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.page_table = torch.zeros(n, max_pages, dtype=torch.int32, device=dev)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
+        pinned = dev.type == "cuda"
+        self.host_inputs = torch.zeros(3, n, dtype=torch.int64, pin_memory=pinned)
+        self.host_table = torch.zeros(n, max_pages, dtype=torch.int32, pin_memory=pinned)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.num_passes = 0
+
+    def meta(self, size: int, seq_lens_cpu: list[int] | None = None) -> BatchMetadata:
+        return BatchMetadata(
+            positions=self.inputs[0, :size],
+            slot_mapping=self.inputs[1, :size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens=self.seq_lens[:size],
+            page_table=self.page_table[:size],
+            logits_indices=self.logits_indices[:size],
+            page_size=self.proposer.page_size,
+            num_decodes=size,
+            max_query_len=1,
+            max_seq_len=self.max_seq_len,
+            seq_lens_cpu=seq_lens_cpu or [],
+            query_lens_cpu=[1] * size if seq_lens_cpu else [],
+        )
+
+    def _forward(self, size: int, meta: BatchMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.proposer
+        self.seq_lens[:size].copy_(self.inputs[2, :size])  # int32, in the graph
+        p.backend.prepare(meta)
+        ctx = ForwardContext(p.backend, meta, [])
+        normed, prenorm = p.head(self.ids[:size], meta.positions, self.hidden[:size], ctx, p.kv)
+        return p.head.greedy_tokens(normed), prenorm
+
+    def capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            meta = self.meta(size)
+            with torch.inference_mode():
+                self._forward(size, meta)  # warm up: compiles kernels outside the capture
+                torch.cuda.synchronize(self.proposer.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.outputs[size] = self._forward(size, meta)
+            self.graphs[size] = graph
+        torch.cuda.synchronize(self.proposer.device)
+
+    def fits(self, count: int) -> bool:
+        return count <= self.sizes[-1]
+
+    def run(
+        self, seqs: list[RequestSequence], positions: list[int], tokens: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass: each sequence's row at its position, fed its last draft; (next drafts, hidden states)."""
+        p, b = self.proposer, len(seqs)
+        size = next(s for s in self.sizes if s >= b)
+        page_size, scratch = p.page_size, p.scratch_page
+        inputs, table = self.host_inputs.numpy(), self.host_table.numpy()
+        pos = np.array(positions, dtype=np.int64)
+        np.stack([s.page_row for s in seqs], out=table[:b])
+        inputs[0, :b] = pos
+        inputs[1, :b] = table[np.arange(b), pos // page_size].astype(np.int64) * page_size + pos % page_size
+        inputs[2, :b] = pos + 1
+        inputs[:, b:size] = ((0,), (scratch * page_size,), (1,))
+        table[b:size] = scratch
+        self.inputs[:, :size].copy_(self.host_inputs[:, :size], non_blocking=True)
+        self.page_table[:size].copy_(self.host_table[:size], non_blocking=True)
+        self.ids[:b].copy_(tokens)
+        self.hidden[:b].copy_(hidden)
+        self.num_passes += 1
+        if size in self.graphs:
+            self.graphs[size].replay()
+            out = self.outputs[size]
+        else:
+            out = self._forward(size, self.meta(size, (pos + 1).tolist() + [1] * (size - b)))
+        return out[0][:b].clone(), out[1][:b].clone()
 
 
 class Eagle3Proposer(DraftProposer):
@@ -72,6 +164,8 @@ class Eagle3Proposer(DraftProposer):
         self.device = device
         shape = (num_slots, head.num_kv_heads, head.head_dim)
         self.kv = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        self.scratch_page = num_slots // page_size - 1  # the pool's: never handed out
+        self.passes: _DraftPasses | None = None  # drafting passes on static buffers (enable_graphs)
         self.num_head_forwards = 0  # draft head passes run (catch-ups and drafting steps)
         self.head_seconds = 0.0  # host time spent in them (the device's too where it synchronises)
 
@@ -87,6 +181,13 @@ class Eagle3Proposer(DraftProposer):
     def propose(self, seq: RequestSequence, limit: int) -> list[int]:
         # No first draft yet (a step without hidden states came between) is no miss: don't back off.
         return self.draft(seq, min(limit, self.k)) if limit > 0 else []
+
+    def enable_graphs(self, max_batch: int, max_pages: int, max_seq_len: int) -> None:
+        """Run drafting passes of up to max_batch sequences on static buffers: from CUDA graphs
+        (captured here) on CUDA, eagerly elsewhere (where tests check the padding)."""
+        self.passes = _DraftPasses(self, graph_batch_sizes(max_batch), max_pages, max_seq_len)
+        if self.device.type == "cuda":
+            self.passes.capture()
 
     # ---- the head's passes ----------------------------------------------------------------------
 
@@ -179,9 +280,12 @@ class Eagle3Proposer(DraftProposer):
                 live = [live[i] for i in keep]
             group = [drafted[r] for r in live]
             # Row j of a sequence with L tokens sits at position L - 2 + j and feeds draft j.
-            meta = self._meta(group, [s.num_tokens - 2 + j for s in group], [1] * len(group))
-            normed, hidden = self._run(tokens, hidden, meta)
-            tokens = self.head.greedy_tokens(normed)
+            positions = [s.num_tokens - 2 + j for s in group]
+            if self.passes is not None and self.passes.fits(len(group)):
+                tokens, hidden = self.passes.run(group, positions, tokens, hidden)
+            else:
+                normed, hidden = self._run(tokens, hidden, self._meta(group, positions, [1] * len(group)))
+                tokens = self.head.greedy_tokens(normed)
             out.append((live, tokens))
         for j, (rows, drafts) in enumerate(out, start=1):
             for r, token in zip(rows, drafts.tolist()):

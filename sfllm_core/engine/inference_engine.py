@@ -130,6 +130,10 @@ class InferenceEngine:
             self.runner.enable_verify_graphs(
                 config.num_speculative_tokens + 1, min(config.speculative_max_batch, graph_batch), self.aux_layers
             )
+            if self.aux_layers:  # the EAGLE-3 head's drafting passes too
+                self.proposer.enable_graphs(
+                    min(config.speculative_max_batch, graph_batch), self.pool.max_pages_per_seq, self.max_context_length
+                )
         self._aux_step = False  # this step reads the target's hidden states out for the EAGLE-3 head
         self.limits = EngineLimits(self.vocab_size, self.max_context_length, self.pool.page_size, self.pool.num_pages)
         self.grammar = GrammarBackend(self.vocab_size, self.tokenizer)

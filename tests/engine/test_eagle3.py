@@ -175,17 +175,26 @@ def test_speculation_stands_aside_for_large_batches_and_resumes(targets):
 @pytest.mark.parametrize("which", ["qwen3", "gemma3"])
 def test_fixed_shape_verify_steps_with_hidden_states(targets, which):
     """The buffers verify graphs replay (padded to k + 1 tokens per sequence, the batch to a ladder
-    size), run eagerly here, hand out the same hidden states and tokens as the ragged path."""
+    size), run eagerly here, hand out the same hidden states and tokens as the ragged path; so do
+    the head's drafting passes on theirs (padded to a ladder size on the scratch page)."""
     plain, spec = _engines(*targets[which], max_context_length=64)
     spec.runner.enable_verify_graphs(K + 1, 4, spec.aux_layers)
+    spec.proposer.enable_graphs(4, spec.pool.max_pages_per_seq, 64)
     prompts = _prompts([19, 5, 33, 12, 7])  # steps of five run ragged; once two have ended, padded to four
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (6, 24, 24, 10, 24)]
     assert [o.token_ids for o in spec.generate(prompts, params)] == [
         o.token_ids for o in plain.generate(prompts, params)
     ]
-    assert spec.runner.verify.num_steps > 0
+    assert spec.runner.verify.num_steps > 0 and spec.proposer.passes.num_passes > 0
     _assert_accepted(spec)
     _assert_clean(spec)
+    # The same drafts as the ragged passes draw: as many of them, as many accepted.
+    _, ragged = _engines(*targets[which], max_context_length=64)
+    ragged.generate(prompts, params)
+    assert (ragged.proposer.num_draft_tokens, ragged.proposer.num_accepted_tokens) == (
+        spec.proposer.num_draft_tokens,
+        spec.proposer.num_accepted_tokens,
+    )
 
 
 @pytest.mark.parametrize("which", ["qwen3", "gemma3"])
