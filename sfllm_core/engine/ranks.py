@@ -240,11 +240,14 @@ def follower_main(argv: list[str] | None = None) -> None:
     args = json.loads((sys.argv[1:] if argv is None else argv)[0])
     parent = args["parent_pid"]
     _die_with_parent(parent)
-    logging.basicConfig(level=args.get("log_level", "INFO").upper(), format="%(asctime)s rank %(message)s")
+    setup = RankSetup(**args["setup"])
+    logging.basicConfig(
+        level=args.get("log_level", "INFO").upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s [rank {setup.rank}] %(message)s",
+    )
     from sfllm_core.config import EngineConfig
     from sfllm_core.engine.inference_engine import InferenceEngine
 
-    setup = RankSetup(**args["setup"])
     hf_config = None
     if args.get("hf_config") is not None:
         import transformers

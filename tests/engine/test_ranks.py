@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+from checkpoints import make_qwen3_checkpoint, write_gguf
 
 from sfllm_core.engine.inference_engine import InferenceEngine
 from sfllm_core.errors import InvalidRequestError
@@ -18,11 +19,17 @@ SETTINGS = dict(device="cpu", dtype="float32", page_size=4, num_pages=32)
 PROMPT = [1, 5, 9, 33, 7, 100]
 
 
-def test_speculation_and_quantized_weights_are_refused_with_a_reason(qwen3_path):
+def test_speculation_and_quantized_weights_are_refused_with_a_reason(qwen3_path, tmp_path):
     with pytest.raises(InvalidRequestError, match="speculative"):
         InferenceEngine(qwen3_path, tensor_parallel_size=2, speculative_algorithm="ngram", **SETTINGS)
     with pytest.raises(InvalidRequestError, match="tensor_parallel_size must be >= 1"):
         InferenceEngine(qwen3_path, tensor_parallel_size=0, **SETTINGS)
+    # A GGUF on the CPU serves its quantized blocks by default: those are not split.
+    gguf = write_gguf(make_qwen3_checkpoint(tmp_path / "ckpt"), tmp_path / "model.gguf", quantize=True)
+    before = _children()
+    with pytest.raises(InvalidRequestError, match="quantization 'gguf' is not supported with tensor_parallel_size"):
+        InferenceEngine(str(gguf), tensor_parallel_size=2, load_tokenizer=False, **SETTINGS)
+    assert _children() == before  # refused before any rank was started
 
 
 def test_heads_that_do_not_split_are_refused_and_leave_no_process(qwen3_path):
