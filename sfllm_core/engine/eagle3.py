@@ -15,7 +15,8 @@ Per sequence, with L tokens known after a step (the last one just sampled):
   just sampled) gives the first draft d1 and the head's own hidden state g1;
 - drafting, in the next step once the scheduler has given the verify step its pages: rows at
   positions L - 1, L, ... of (d_j, g_j), each giving d_(j+1). Those K/V are the head's guesses;
-  the next catch-up writes the true rows over them.
+  the next catch-up writes the true rows over them. On CUDA those passes replay graphs captured
+  at the batch ladder (`_DraftPasses`); the catch-up runs eagerly.
 
 Steps with more decoding sequences than speculative_max_batch run as without speculation (decode
 graphs, no hidden states read out): the head's K/V of those positions stay unwritten (stale), which

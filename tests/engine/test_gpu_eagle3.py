@@ -26,6 +26,7 @@ def test_eagle3_with_verify_graphs_gives_the_tokens_of_plain_decoding(target_and
     plain = InferenceEngine(model_path=target, attention_backend="triton", **COMMON)
     spec = InferenceEngine(model_path=target, attention_backend="triton", **COMMON, **spec_settings)
     assert spec.runner.verify is not None and spec.runner.verify.graphs and spec.runner.verify.aux_layers
+    assert spec.proposer.passes is not None and spec.proposer.passes.graphs
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 384, (n,), generator=g).tolist() for n in (19, 5, 33, 12, 1, 27, 8, 40)]
     for params in (
@@ -34,7 +35,8 @@ def test_eagle3_with_verify_graphs_gives_the_tokens_of_plain_decoding(target_and
     ):
         want, got = plain.generate(prompts, params), spec.generate(prompts, params)
         assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    assert spec.runner.verify.num_steps > 0 and spec.proposer.num_accepted_tokens > 0
+    assert spec.runner.verify.num_steps > 0 and spec.proposer.passes.num_passes > 0
+    assert spec.proposer.num_accepted_tokens > 0
     assert spec.pool.num_used_pages == 0 and not spec.has_work()
     # Against the plain-PyTorch path of the same engine settings, eagerly.
     ref = InferenceEngine(model_path=target, attention_backend="torch", cuda_graphs=False, **COMMON, **spec_settings)
