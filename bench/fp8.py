@@ -14,7 +14,8 @@ Kernels (--kernels): the FP8 GEMV against the bf16 path on the 8B shapes at batc
 weights; --sweep also times other (BLOCK_N, BLOCK_K, warps) for tuning launch_config.
 
 Speed: bench/engine.py's `ours` for bf16, fp8-channel and fp8-block in turn: (b) batch-1 ms/token
-with floors, (c) the batch-256 decode step, (a) offline throughput (--seqs sequences).
+with floors, (c) the batch-256 decode step, (a) offline throughput (--seqs sequences); then
+fp8-channel+lm (lm_head in FP8 too) at batch 1 and fp8-channel+kv8 (the FP8 KV cache) at batch 256.
 
 Usage (from the repo root): PYTHONPATH=. python bench/fp8.py [--models qwen3-0.6b qwen3-8b]
     [--skip accuracy kernels speed] [--seqs 128] [--json bench_fp8.json]
@@ -294,6 +295,10 @@ def speed(name: str, config, bw: float, seqs: int) -> dict:
     variants = [("bf16", {}, parts), *((f"fp8-{s}", {"quantization": "fp8", "fp8_scheme": s}, parts) for s in SCHEMES)]
     # The whole model in FP8, lm_head included: batch 1 only, where its bytes count most.
     variants.append(("fp8-channel+lm", {"quantization": "fp8", "fp8_scheme": "channel", "fp8_lm_head": True}, ["b"]))
+    if "c" in parts:  # the FP8 KV cache, where it counts: the batch-256 step reads mostly K/V
+        variants.append(
+            ("fp8-channel+kv8", {"quantization": "fp8", "fp8_scheme": "channel", "kv_cache_dtype": "fp8"}, ["c"])
+        )
     for variant, overrides, variant_parts in variants:
         start = time.perf_counter()
         try:
@@ -350,7 +355,7 @@ def print_tables(results: dict) -> None:
     ]
     speeds = {m: r["speed"] for m, r in results["models"].items() if "speed" in r}
     if speeds:
-        variants = ["bf16", *(f"fp8-{s}" for s in SCHEMES), "fp8-channel+lm"]
+        variants = ["bf16", *(f"fp8-{s}" for s in SCHEMES), "fp8-channel+lm", "fp8-channel+kv8"]
         print("Speed (floors: weights + KV bytes over the copy bandwidth; fp8 floor counts lm_head in bf16):")
         print(f"{'model':<11} | {'figure':<24} | " + " | ".join(f"{v:>14}" for v in variants) + " | floor bf16/fp8")
         for model, by_variant in speeds.items():

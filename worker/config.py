@@ -24,6 +24,7 @@ class WorkerConfig:
     dtype: str = "auto"
     quantization: str = "auto"  # gguf: a GGUF's own quantized blocks on the CPU; fp8: FP8 weights; none: dequantized
     fp8_scheme: str = "channel"  # --quantization fp8 of a dense checkpoint: a scale per row, or per 128x128 block
+    kv_cache_dtype: str = "auto"  # fp8: K/V stored as float8_e4m3fn (half the cache's bytes)
     device: str = "auto"
     max_context_length: int | None = None
     max_num_seqs: int = 256
@@ -72,6 +73,7 @@ class WorkerConfig:
             dtype=self.dtype,
             quantization=self.quantization,
             fp8_scheme=self.fp8_scheme,
+            kv_cache_dtype=self.kv_cache_dtype,
             device=self.device,
             max_context_length=self.max_context_length,
             page_size=self.page_size,
@@ -161,7 +163,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fp8-scheme",
         choices=["channel", "block"],
-        help="how --quantization fp8 scales a dense checkpoint: per output channel or per 128x128 block (default channel)",
+        help="how --quantization fp8 scales a dense checkpoint: a scale per output channel or per 128x128 block "
+        "(default channel)",
+    )
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "fp8"],
+        help="auto: the KV cache in --dtype; fp8: float8_e4m3fn, half the bytes per cached token",
     )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--max-context-length", type=int, help="tokens per sequence (default: the model's, capped)")

@@ -212,8 +212,9 @@ class InferenceEngine:
             or len(window_layers) == len(windows)
         ):
             window_layers, window = frozenset(), None
+        kv_dtype = cfg.resolved_kv_cache_dtype()
         bytes_per_token = functools.partial(
-            MemoryPool.bytes_per_token, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=self.dtype
+            MemoryPool.bytes_per_token, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=kv_dtype
         )
         full_bpt = bytes_per_token(mc.num_hidden_layers - len(window_layers))
         if self.draft_config is not None:  # the EAGLE-3 head's layer keeps K/V in the same slots
@@ -222,7 +223,7 @@ class InferenceEngine:
                 1,
                 dc.num_key_value_heads,
                 getattr(dc, "head_dim", None) or dc.hidden_size // dc.num_attention_heads,
-                self.dtype,
+                kv_dtype,
             )
         window_bpt = bytes_per_token(len(window_layers))
         pages_per_seq = -(-self.max_context_length // cfg.page_size)
@@ -253,7 +254,7 @@ class InferenceEngine:
             mc.num_hidden_layers,
             num_kv_heads,
             head_dim,
-            self.dtype,
+            kv_dtype,
             self.device,
             cfg.enable_prefix_caching,
             window=window,
