@@ -2,14 +2,14 @@
 
 The decode-time projection of an FP8 model (layers/fp8.py). A step at batch 1-2 only reads weights,
 so fp8 halves it against bfloat16. Each program owns BLOCK_N weight rows and walks K in chunks of
-BLOCK_K, loading the next chunk before it multiplies the current one; its first chunk (and a
-per-channel scale) is loaded before it waits on the previous kernel (kernels/pdl.py). The scale is
+BLOCK_K, keeping the next two chunks' loads in flight while it multiplies one; its first two (and a
+per-channel scale) are loaded before it waits on the previous kernel (kernels/pdl.py). The scale is
 applied per row at the end (per channel), or per 128 columns to each chunk's partial sums (blocks).
 
 As kernels/gemv.py, the input can be produced inside the kernel:
 - gated (activation "silu" / "gelu_tanh"): x is [gate | up] and the product uses act(gate) * up;
 - normed (`fp8_gemv_normed`): x = RMSNorm(h + residual). Every program first sums the squares of
-  its rows (h and residual are a few KB, read from L2), then normalises each chunk as it goes;
+  its rows in one wide load (h and residual are a few KB, in L2), then normalises each chunk as it goes;
   program 0 alone writes the new residual stream, to a fresh buffer.
 Both round where the eager model rounds (the activation dtype after the add, the norm, the act).
 """
@@ -22,10 +22,13 @@ from sfllm_core.kernels.pdl import pdl_launch
 
 MAX_ROWS = 4
 ACTIVATIONS = {None: 0, "silu": 1, "gelu_tanh": 2}
-# Bytes (= elements) of the weight chunk a program loads per step (BLOCK_N x BLOCK_K): 8 KB, and as
-# much again prefetched; with two or more programs per SM that keeps some 32 KB per SM in flight,
-# what Little's law asks of HBM3e at ~1 us latency. 8 warps hold it as 32 fp32 values per thread.
+# Bytes (= elements) of the weight chunk a program loads per step (BLOCK_N x BLOCK_K): 8 KB, with two
+# more in flight; with two or more programs per SM that keeps 48 KB or more per SM in flight, past
+# what Little's law asks of HBM3e at ~1 us latency. 8 warps hold a chunk as 32 fp32 values per thread.
 _TILE = 8192
+# The norm's sums of squares read their rows in pieces this wide: one piece for the served models'
+# hidden sizes, so the pass costs one L2 round trip while the first weight chunk streams in.
+_STATS_BLOCK = 8192
 _num_sms: dict[int, int] = {}
 
 
@@ -138,6 +141,7 @@ def _fp8_gemv_kernel(
     GEMMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_STATS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -147,7 +151,10 @@ def _fp8_gemv_kernel(
     w_rows = W + rows[:, None].to(tl.int64) * stride_w
     s_rows = Scale + (rows // SCALE_BN) * stride_s
     # Weights and scales are never written during a step: start streaming before waiting on x's producer.
+    # Two chunks in flight ahead of the one being multiplied; both first ones before the wait.
     w = tl.load(w_rows + offs_k[None, :], mask=row_mask[:, None] & (offs_k[None, :] < K), other=0.0)
+    second = offs_k + BLOCK_K
+    w1 = tl.load(w_rows + second[None, :], mask=row_mask[:, None] & (second[None, :] < K), other=0.0)
     if not BLOCKWISE:
         s = tl.load(s_rows, mask=row_mask, other=0.0)
     if USE_PDL:
@@ -159,15 +166,17 @@ def _fp8_gemv_kernel(
     rstd2 = 0.0
     rstd3 = 0.0
     if NORM:
-        rstd0 = tl.rsqrt(_row_sumsq(X, Residual, 0, stride_xm, stride_rm, K, BLOCK_K, HAS_RESIDUAL, dtype) / K + eps)
+        rstd0 = tl.rsqrt(
+            _row_sumsq(X, Residual, 0, stride_xm, stride_rm, K, BLOCK_STATS, HAS_RESIDUAL, dtype) / K + eps
+        )
         if M > 1:
-            s1 = _row_sumsq(X, Residual, 1, stride_xm, stride_rm, K, BLOCK_K, HAS_RESIDUAL, dtype)
+            s1 = _row_sumsq(X, Residual, 1, stride_xm, stride_rm, K, BLOCK_STATS, HAS_RESIDUAL, dtype)
             rstd1 = tl.rsqrt(s1 / K + eps)
         if M > 2:
-            s2 = _row_sumsq(X, Residual, 2, stride_xm, stride_rm, K, BLOCK_K, HAS_RESIDUAL, dtype)
+            s2 = _row_sumsq(X, Residual, 2, stride_xm, stride_rm, K, BLOCK_STATS, HAS_RESIDUAL, dtype)
             rstd2 = tl.rsqrt(s2 / K + eps)
         if M > 3:
-            s3 = _row_sumsq(X, Residual, 3, stride_xm, stride_rm, K, BLOCK_K, HAS_RESIDUAL, dtype)
+            s3 = _row_sumsq(X, Residual, 3, stride_xm, stride_rm, K, BLOCK_STATS, HAS_RESIDUAL, dtype)
             rstd3 = tl.rsqrt(s3 / K + eps)
     acc0 = tl.zeros([BLOCK_N], tl.float32)
     acc1 = tl.zeros([BLOCK_N], tl.float32)
@@ -175,8 +184,8 @@ def _fp8_gemv_kernel(
     acc3 = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs = k0 + offs_k
-        ahead = offs + BLOCK_K
-        w_next = tl.load(w_rows + ahead[None, :], mask=row_mask[:, None] & (ahead[None, :] < K), other=0.0)
+        ahead = offs + 2 * BLOCK_K
+        w2 = tl.load(w_rows + ahead[None, :], mask=row_mask[:, None] & (ahead[None, :] < K), other=0.0)
         sb = 0.0
         if BLOCKWISE:
             cols = k0 // SCALE_BK + tl.arange(0, BLOCK_K // SCALE_BK)
@@ -206,7 +215,8 @@ def _fp8_gemv_kernel(
                 K, ACT, NORM, HAS_RESIDUAL, GEMMA, dtype,
             )  # fmt: skip
             acc3 += _chunk_dot(wf, x, sb, BLOCK_N, BLOCK_K, SCALE_BK, BLOCKWISE)
-        w = w_next
+        w = w1
+        w1 = w2
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(Bias + rows, mask=row_mask, other=0.0).to(tl.float32)
@@ -285,6 +295,7 @@ def _launch(
         GEMMA=gemma,
         BLOCK_N=bn,
         BLOCK_K=bk,
+        BLOCK_STATS=min(triton.next_power_of_2(k), _STATS_BLOCK),
         num_warps=num_warps,
         **pdl_launch(x.device),
     )

@@ -50,7 +50,7 @@ for name, (m, k, blockwise, act, norm, bn, bk, warps) in {
 }.items():
     constexprs = dict(
         M=m, K=k, SCALE_BN=128 if blockwise else 1, SCALE_BK=128, BLOCKWISE=blockwise, HAS_BIAS=False, ACT=act,
-        NORM=norm, HAS_RESIDUAL=norm, GEMMA=False, BLOCK_N=bn, BLOCK_K=bk, USE_PDL=True,
+        NORM=norm, HAS_RESIDUAL=norm, GEMMA=False, BLOCK_N=bn, BLOCK_K=bk, BLOCK_STATS=min(k, 8192), USE_PDL=True,
     )
     out[name] = build(fp8_gemv._fp8_gemv_kernel, gemv_types, constexprs, num_warps=warps)
 gemm_types = dict(
