@@ -234,7 +234,7 @@ def eagle3_cost(args, dtype: str) -> None:
     print(f"  {'acceptance length':>18} | {'step ms':>8} | {'tok/s':>8} | {'vs plain':>8} | {'vs 4.79 ms/token':>16}")
     for tau in args.acceptance_lengths:
         # The catch-up grows with the kept rows: one more row per accepted draft.
-        extra = (t_catch[k + 1] - t_catch[1]) * (tau - 1) / k
+        extra = max(0.0, t_catch[k + 1] - t_catch[1]) * (tau - 1) / k
         tok_s = tau / (step_ms / ms + extra)
         print(
             f"  {tau:>18.2f} | {step_ms + extra * ms:>8.3f} | {tok_s:>8.1f} | {tok_s / plain_tok_s:>7.2f}x | "
