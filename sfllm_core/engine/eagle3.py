@@ -65,7 +65,9 @@ class _DraftPasses:
         self.hidden = torch.zeros(n, head.hidden_size, dtype=proposer.kv[0].dtype, device=dev)
         self.inputs = torch.zeros(3, n, dtype=torch.int64, device=dev)  # positions, slots, seq_lens
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.page_table = torch.zeros(n, max_pages, dtype=torch.int32, device=dev)
+        # Until a pass fills them, every row writes to and reads from the scratch page (the warm-up and capture).
+        self.page_table = torch.full((n, max_pages), proposer.scratch_page, dtype=torch.int32, device=dev)
+        self.inputs[1].fill_(proposer.scratch_page * proposer.page_size)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
         pinned = dev.type == "cuda"
