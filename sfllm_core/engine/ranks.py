@@ -45,20 +45,18 @@ FOLLOWER_STOP_S = 10.0  # how long close() waits for a follower to exit before k
 
 
 class StepBatch(msgspec.Struct, array_like=True, tag=True):
-    """One step's sequences as the runner reads them; page rows are their used prefixes, concatenated."""
+    """One step's sequences as the runner reads them, column by column: numpy arrays as bytes (a
+    list per sequence took milliseconds to decode at batch 256)."""
 
-    keys: list[int]  # id() of each sequence on rank 0 (pending_rows refers to them)
-    starts: list[int]  # num_computed_tokens
-    num_tokens: list[int]
-    num_new_tokens: list[int]
-    tokens: list[list[int]]  # token_ids[start : start + num_new_tokens] (PENDING_TOKEN where pending)
-    drafts: list[list[int]]
-    needs_prompt_logits: list[bool]
-    num_pages: list[int]
-    page_rows: bytes  # int32, each sequence's page_row[:num_pages]
+    # int64 [B, 6]: num_computed_tokens, num_tokens, num_new_tokens, tokens fed from token_ids (fewer
+    # than num_new_tokens in a verify step: the drafts make up the rest), drafts, pages
+    counts: bytes
+    prompt_logits: bytes  # bool [B]: needs_prompt_logits
+    tokens: bytes  # int64: each sequence's fed tokens (PENDING_TOKEN where pending), then its drafts
+    page_rows: bytes  # int32: each sequence's page_row[:pages], concatenated
     window_rows: bytes  # likewise for window_row, or empty
     pending_len: int  # length of the pending-token tensor broadcast before the step (0: none)
-    pending_rows: list[int]  # per sequence, its row in that tensor, or -1
+    pending_rows: bytes  # int64 [B]: each sequence's row in that tensor, or -1; empty when none
 
 
 class Stop(msgspec.Struct, array_like=True, tag=True):
@@ -78,6 +76,8 @@ class RankSetup:
 class _TokenWindow:
     """The part of token_ids a step feeds, indexed by position in the sequence as token_ids is."""
 
+    __slots__ = ("start", "tokens")
+
     def __init__(self, start: int, tokens: list[int]) -> None:
         self.start, self.tokens = start, tokens
 
@@ -90,15 +90,26 @@ class _TokenWindow:
 class _ShadowSequence:
     """A follower's stand-in for a RequestSequence: the attributes ModelRunner reads, for one step."""
 
-    def __init__(self, msg: StepBatch, i: int, page_row, window_row) -> None:
-        self.num_computed_tokens = msg.starts[i]
-        self.num_tokens = msg.num_tokens[i]
-        self.token_ids = _TokenWindow(msg.starts[i], msg.tokens[i])
-        self.draft_ids = msg.drafts[i]
-        self.needs_prompt_logits = msg.needs_prompt_logits[i]
+    __slots__ = (
+        "num_computed_tokens",
+        "num_tokens",
+        "token_ids",
+        "draft_ids",
+        "needs_prompt_logits",
+        "page_row",
+        "window_row",
+        "pages",
+    )
+
+    def __init__(self, start, num_tokens, fed, drafts, prompt_logits, page_row, window_row, num_pages) -> None:
+        self.num_computed_tokens = start
+        self.num_tokens = num_tokens
+        self.token_ids = _TokenWindow(start, fed)
+        self.draft_ids = drafts
+        self.needs_prompt_logits = prompt_logits
         self.page_row = page_row
         self.window_row = window_row
-        self.pages = page_row[: msg.num_pages[i]]
+        self.pages = page_row[:num_pages]
 
 
 class Followers:
@@ -143,24 +154,7 @@ class Followers:
         """Hand the followers this step's batch (before rank 0 runs it); raises once a rank has died."""
         if self.failure is not None:
             raise RuntimeError(self.failure)
-        seqs = batch.seqs
-        starts = [s.num_computed_tokens for s in seqs]
-        pages = [len(s.pages) for s in seqs]
-        windowed = bool(seqs) and seqs[0].window_row is not None
-        msg = StepBatch(
-            keys=[id(s) for s in seqs],
-            starts=starts,
-            num_tokens=[s.num_tokens for s in seqs],
-            num_new_tokens=list(batch.num_new_tokens),
-            tokens=[s.token_ids[p : p + n] for s, p, n in zip(seqs, starts, batch.num_new_tokens)],
-            drafts=[list(s.draft_ids) for s in seqs],
-            needs_prompt_logits=[s.needs_prompt_logits for s in seqs],
-            num_pages=pages,
-            page_rows=b"".join(s.page_row[:n].tobytes() for s, n in zip(seqs, pages)),
-            window_rows=b"".join(s.window_row[:n].tobytes() for s, n in zip(seqs, pages)) if windowed else b"",
-            pending_len=0 if pending_tokens is None else len(pending_tokens),
-            pending_rows=[pending_rows.get(id(s), -1) for s in seqs] if pending_rows else [],
-        )
+        msg = step_message(batch, pending_tokens, pending_rows)
         frame = self._encode(msg)
         for rank, sock in enumerate(self._sockets, start=1):
             try:
@@ -191,6 +185,35 @@ class Followers:
         self._ctx.term()
 
 
+def step_message(batch: ScheduledBatch, pending_tokens: torch.Tensor | None, pending_rows: dict | None) -> StepBatch:
+    """The StepBatch a follower rebuilds this step from (see shadow_batch)."""
+    seqs, new = batch.seqs, batch.num_new_tokens
+    counts = np.empty((len(seqs), 6), dtype=np.int64)
+    counts[:, 0] = starts = [s.num_computed_tokens for s in seqs]
+    counts[:, 1] = [s.num_tokens for s in seqs]
+    counts[:, 2] = new
+    counts[:, 4] = [len(s.draft_ids) for s in seqs]
+    counts[:, 5] = pages = [len(s.pages) for s in seqs]
+    tokens: list[int] = []
+    for i, (s, p, n) in enumerate(zip(seqs, starts, new)):
+        fed = s.token_ids[p : p + n]
+        counts[i, 3] = len(fed)
+        tokens += fed
+        tokens += s.draft_ids
+    windowed = bool(seqs) and seqs[0].window_row is not None
+    return StepBatch(
+        counts=counts.tobytes(),
+        prompt_logits=np.array([s.needs_prompt_logits for s in seqs], dtype=np.bool_).tobytes(),
+        tokens=np.array(tokens, dtype=np.int64).tobytes(),
+        page_rows=np.concatenate([s.page_row[:n] for s, n in zip(seqs, pages)]).tobytes() if seqs else b"",
+        window_rows=np.concatenate([s.window_row[:n] for s, n in zip(seqs, pages)]).tobytes() if windowed else b"",
+        pending_len=0 if pending_tokens is None else len(pending_tokens),
+        pending_rows=np.array([pending_rows.get(id(s), -1) for s in seqs], dtype=np.int64).tobytes()
+        if pending_rows
+        else b"",
+    )
+
+
 def broadcast_pending(tp: TensorParallel, pending_tokens: torch.Tensor | None, length: int) -> torch.Tensor | None:
     """Last step's sampled ids, on every rank's device (rank 0 has them; one broadcast on the stream)."""
     if length == 0:
@@ -202,22 +225,40 @@ def broadcast_pending(tp: TensorParallel, pending_tokens: torch.Tensor | None, l
 
 def shadow_batch(msg: StepBatch, max_pages: int, scratch: int, window_scratch: int | None) -> tuple:
     """(ScheduledBatch of _ShadowSequences, pending_rows) for a follower's execute."""
-    b = len(msg.keys)
+    counts = np.frombuffer(msg.counts, dtype=np.int64).reshape(-1, 6)
+    b = len(counts)
+    starts, num_tokens, new, num_fed, num_drafts, num_pages = counts.T.tolist()
+    prompt_logits = np.frombuffer(msg.prompt_logits, dtype=np.bool_).tolist()
+    tokens = np.frombuffer(msg.tokens, dtype=np.int64).tolist()
+    # Page rows as the pool keeps them: the used prefix, then the scratch page.
     rows = np.full((b, max_pages), scratch, dtype=np.int32)
-    flat = np.frombuffer(msg.page_rows, dtype=np.int32)
+    used = np.arange(max_pages) < counts[:, 5:6]
+    rows[used] = np.frombuffer(msg.page_rows, dtype=np.int32)
     window = None
     if msg.window_rows:
         window = np.full((b, max_pages), window_scratch, dtype=np.int32)
-        window_flat = np.frombuffer(msg.window_rows, dtype=np.int32)
-    offset = 0
-    for i, n in enumerate(msg.num_pages):
-        rows[i, :n] = flat[offset : offset + n]
-        if window is not None:
-            window[i, :n] = window_flat[offset : offset + n]
-        offset += n
-    seqs = [_ShadowSequence(msg, i, rows[i], None if window is None else window[i]) for i in range(b)]
-    pending_rows = {id(s): r for s, r in zip(seqs, msg.pending_rows) if r >= 0} if msg.pending_rows else None
-    return ScheduledBatch(seqs, list(msg.num_new_tokens)), pending_rows
+        window[used] = np.frombuffer(msg.window_rows, dtype=np.int32)
+    seqs, t = [], 0
+    for i in range(b):
+        fed, d = num_fed[i], num_drafts[i]
+        seqs.append(
+            _ShadowSequence(
+                starts[i],
+                num_tokens[i],
+                tokens[t : t + fed],
+                tokens[t + fed : t + fed + d],
+                prompt_logits[i],
+                rows[i],
+                None if window is None else window[i],
+                num_pages[i],
+            )
+        )
+        t += fed + d
+    pending_rows = None
+    if msg.pending_rows:
+        found = np.frombuffer(msg.pending_rows, dtype=np.int64).tolist()
+        pending_rows = {id(s): r for s, r in zip(seqs, found) if r >= 0}
+    return ScheduledBatch(seqs, new), pending_rows
 
 
 def join_group(setup: RankSetup, device: torch.device) -> TensorParallel:

@@ -8,10 +8,17 @@ import os
 import signal
 import time
 
+import msgspec
+import numpy as np
 import pytest
+import torch
 from checkpoints import make_qwen3_checkpoint, write_gguf
 
 from sfllm_core.engine.inference_engine import InferenceEngine
+from sfllm_core.engine.memory_pool import MemoryPool
+from sfllm_core.engine.ranks import StepBatch, shadow_batch, step_message
+from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence
+from sfllm_core.engine.scheduler import ScheduledBatch
 from sfllm_core.errors import InvalidRequestError
 from sfllm_core.sampling_params import SamplingParams
 
@@ -89,3 +96,31 @@ def _is_zombie(pid: int) -> bool:
             return f.read().split(") ")[-1].startswith("Z")
     except FileNotFoundError:
         return True
+
+
+def test_a_step_batch_gives_a_follower_what_the_runner_reads_of_each_sequence():
+    """Decoding sequences with a pending token, drafts and window pages: the follower's stand-ins
+    read the same tokens, positions, page rows and draft ids as rank 0's sequences."""
+    pool = MemoryPool(
+        24, 4, 2, 1, 4, torch.float32, torch.device("cpu"), window=8, window_layers=frozenset({0}),
+        num_window_pages=24, max_pages_per_seq=8,
+    )  # fmt: skip
+    seqs = [RequestSequence(f"r{i}", list(range(5 + 7 * i)), SamplingParams()) for i in range(3)]
+    for seq in seqs:
+        pool.grow(seq, seq.num_tokens + 1)
+        seq.num_computed_tokens = seq.num_tokens - 1
+    seqs[0].token_ids[-1] = PENDING_TOKEN
+    seqs[2].draft_ids = [7, 8]
+    batch = ScheduledBatch(seqs, [1, 1, 3])
+    pending = torch.tensor([11, 12])
+    msg = msgspec.msgpack.decode(msgspec.msgpack.encode(step_message(batch, pending, {id(seqs[0]): 1})), type=StepBatch)
+    shadow, rows = shadow_batch(msg, pool.max_pages_per_seq, pool.scratch_page, pool.window_scratch_page)
+    assert msg.pending_len == 2 and rows == {id(shadow.seqs[0]): 1}
+    assert shadow.num_new_tokens == [1, 1, 3]
+    for ours, theirs, n in zip(seqs, shadow.seqs, batch.num_new_tokens, strict=True):
+        p = ours.num_computed_tokens
+        assert (theirs.num_computed_tokens, theirs.num_tokens) == (p, ours.num_tokens)
+        assert theirs.token_ids[p] == ours.token_ids[p] and theirs.token_ids[p : p + n] == ours.token_ids[p : p + n]
+        assert theirs.draft_ids == ours.draft_ids and not theirs.needs_prompt_logits
+        assert list(theirs.pages) == ours.pages
+        assert np.array_equal(theirs.page_row, ours.page_row) and np.array_equal(theirs.window_row, ours.window_row)
