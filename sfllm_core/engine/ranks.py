@@ -23,6 +23,7 @@ import ctypes
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,7 +114,11 @@ class _ShadowSequence:
 
 
 class Followers:
-    """Rank 0's side: starts ranks 1..size-1, sends them each step, and watches them."""
+    """Rank 0's side: starts ranks 1..size-1, sends them each step, and watches them.
+
+    Build it on a thread that lives as long as the engine: the ranks' PR_SET_PDEATHSIG fires when
+    the thread that started them ends.
+    """
 
     def __init__(self, size: int, spawn_args: dict, on_failure: Callable[[str], None]) -> None:
         self.size = size
@@ -139,11 +144,9 @@ class Followers:
             )
         atexit.register(self.close)
         self._on_failure = on_failure
-        threading.Thread(target=self._watch, name="sfllm-tp-watch", daemon=True).start()
-
-    def _watch(self) -> None:
         for rank, proc in enumerate(self._procs, start=1):
-            threading.Thread(target=self._wait_one, args=(rank, proc), daemon=True).start()
+            watch = threading.Thread(target=self._wait_one, args=(rank, proc), name=f"sfllm-tp-{rank}", daemon=True)
+            watch.start()
 
     def _wait_one(self, rank: int, proc: subprocess.Popen) -> None:
         code = proc.wait()
@@ -183,6 +186,7 @@ class Followers:
         for sock in self._sockets:
             sock.close(0)
         self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)  # the rendezvous file and the sockets
 
 
 def step_message(batch: ScheduledBatch, pending_tokens: torch.Tensor | None, pending_rows: dict | None) -> StepBatch:
