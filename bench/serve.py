@@ -54,6 +54,7 @@ class Result:
     chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk with text
     output_tokens: int = 0
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server found in its prefix cache (usage.prompt_tokens_details)
 
     @property
     def latency(self) -> float:
@@ -93,17 +94,27 @@ def random_requests(
     tokenizer=None,
     id_range: int = 10000,
     seed: int = 0,
+    shared_prefixes: int = 0,
+    prefix_len: int = 0,
 ) -> list[Request]:
     """Random prompts: token ids uniform in [0, id_range), or text (decoded ids; common words without a tokenizer).
+
+    With shared_prefixes N, each starts with one of N fixed random prefixes of prefix_len tokens (system
+    prompts, say), picked at random, before its own input_len tokens.
 
     Prompts depend only on the seed and the input lengths, not on the output lengths, so that a
     warm-up run with short outputs sends exactly the prompts of the run it warms up.
     """
     lengths, outputs, ids = random.Random(seed), random.Random(seed + 1), random.Random(seed + 2)
+    shared = random.Random(seed + 3)
+    prefixes = [[shared.randrange(id_range) for _ in range(prefix_len)] for _ in range(shared_prefixes)]
     requests = []
     for _ in range(n):
         k, out = lengths.randint(*input_len), outputs.randint(*output_len)
         prompt = [ids.randrange(id_range) for _ in range(k)]
+        if prefixes:
+            prompt = shared.choice(prefixes) + prompt
+            k += prefix_len
         if prompt_format == "ids":
             requests.append(Request(prompt, k, out))
         elif tokenizer is not None:
@@ -209,6 +220,7 @@ async def openai_request(http, conf: dict, req: Request, result: Result | None =
                 if usage:
                     usage_tokens = usage.get("completion_tokens")
                     result.prompt_tokens = usage.get("prompt_tokens", result.prompt_tokens)
+                    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
     except Exception as exc:  # a broken connection is a failed request, not a failed benchmark
         result.error = f"{type(exc).__name__}: {exc}"
         result.end = time.monotonic()
@@ -397,6 +409,8 @@ def summarize(results: list[Result], start: float) -> dict:
         "request_throughput": len(ok) / duration if ok else 0.0,
         "output_throughput": out_tokens / duration if ok else 0.0,
         "total_token_throughput": (in_tokens + out_tokens) / duration if ok else 0.0,
+        # Of the prompt tokens, those served from a prefix cache (openai backends: usage.prompt_tokens_details).
+        "prefix_cache_hit_rate": sum(r.cached_tokens for r in ok) / in_tokens if in_tokens else 0.0,
         "chunks_per_token": sum(len(r.chunk_times) for r in ok) / out_tokens if out_tokens else math.nan,
         "ttft_ms": _stats([r.ttft for r in ok]),
         "tpot_ms": _stats(tpots),
@@ -416,6 +430,7 @@ def print_summary(summary: dict, title: str = "") -> None:
         ("Request throughput (req/s)", f"{summary['request_throughput']:.2f}"),
         ("Output token throughput (tok/s)", f"{summary['output_throughput']:.1f}"),
         ("Total token throughput (tok/s)", f"{summary['total_token_throughput']:.1f}"),
+        ("Prompt tokens from prefix caches", f"{summary.get('prefix_cache_hit_rate', 0.0):.1%}"),
         ("Chunks per output token", f"{summary['chunks_per_token']:.3f}"),
     ]
     for name in ("ttft", "tpot", "itl", "e2e"):
@@ -505,6 +520,10 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--id-range", type=int, default=10000, help="random token ids are drawn from [0, id-range)")
     p.add_argument(
+        "--shared-prefixes", type=int, default=0, help="random prompts start with one of N shared prefixes (default 0)"
+    )
+    p.add_argument("--prefix-len", type=int, default=512, help="tokens of each shared prefix (--shared-prefixes)")
+    p.add_argument(
         "--tokenizer", default=None, help="HF tokenizer folder: text prompts of exact lengths, ShareGPT counts"
     )
     p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most (default: all)")
@@ -528,7 +547,15 @@ def make_requests(args: argparse.Namespace) -> list[Request]:
             raise SystemExit("--dataset sharegpt needs --dataset-path")
         return sharegpt_requests(args.dataset_path, args.num_prompts, tokenizer, args.seed, args.sharegpt_output_len)
     return random_requests(
-        args.num_prompts, args.input_len, args.output_len, args.prompt_format, tokenizer, args.id_range, args.seed
+        args.num_prompts,
+        args.input_len,
+        args.output_len,
+        args.prompt_format,
+        tokenizer,
+        args.id_range,
+        args.seed,
+        args.shared_prefixes,
+        args.prefix_len if args.shared_prefixes else 0,
     )
 
 

@@ -82,3 +82,20 @@ def test_sharegpt_prompts(stack, tmp_path):
         "--dataset-path", str(path), "--sharegpt-output-len", "5", "--num-prompts", "6", "--no-progress",
     )  # fmt: skip
     assert result["summary"]["completed"] == 6 and result["summary"]["total_output_tokens"] == 30
+
+
+def test_shared_prefixes_are_served_from_the_prefix_cache(stack, tmp_path):
+    _, gateway = stack
+    expected = serve.random_requests(12, (4, 8), (3, 3), "ids", id_range=300, shared_prefixes=2, prefix_len=48)
+    heads = {tuple(r.prompt[:48]) for r in expected}
+    assert len(heads) == 2 and all(r.prompt_len == len(r.prompt) for r in expected)
+    result = _run(
+        tmp_path,
+        "--base-url", gateway.url + "/v1", "--api-key", API_KEY, "--num-prompts", "12", "--input-len", "4:8",
+        "--output-len", "3", "--id-range", "300", "--shared-prefixes", "2", "--prefix-len", "48",
+        "--max-concurrency", "1", "--no-progress",
+    )  # fmt: skip
+    summary = result["summary"]
+    assert summary["total_input_tokens"] == sum(r.prompt_len for r in expected)
+    # One at a time: all but each prefix's first request find its whole pages (48 tokens: 3 of 16) cached.
+    assert summary["prefix_cache_hit_rate"] == pytest.approx(10 * 48 / summary["total_input_tokens"])
