@@ -43,6 +43,10 @@ QK_K = 256
 # per row TopRefinedWeight recomputes exactly.
 LOGITS_GROUP = 32
 LOGITS_TOP = 256
+# Up to this many rows the logits are ranked through int4; more go through the exact grouped kernel,
+# which reads twice the bytes but does not slow down with rows as torch's int4 kernel does (batch-8
+# decode of Gemma 270M, one thread, A/B: 69.8 -> 76.8 tok/s) and needs no refinement.
+LOGITS_RANKED_MAX_ROWS = 4
 
 
 def _f16(blocks: np.ndarray, start: int) -> np.ndarray:
@@ -226,9 +230,8 @@ def served_weight(
             raw = torch.from_numpy(np.array(blocks, dtype=np.uint8).reshape(exact.out_features, -1))
             return RowSwitchWeight(GgufBlockWeight(raw, type_name=type_name), exact, max_rows=CPU_QUANTIZED_MAX_ROWS)
         return RowSwitchWeight(decode_weight(exact), exact, max_rows=CPU_QUANTIZED_MAX_ROWS)
-    return TopRefinedWeight(
-        RowSwitchWeight(logits_ranking_weight(exact), exact, max_rows=CPU_QUANTIZED_MAX_ROWS), top=LOGITS_TOP
-    )
+    rows = LOGITS_RANKED_MAX_ROWS if exact._kernel() else CPU_QUANTIZED_MAX_ROWS
+    return TopRefinedWeight(RowSwitchWeight(logits_ranking_weight(exact), exact, max_rows=rows), top=LOGITS_TOP)
 
 
 def logits_ranking_weight(exact: GroupedIntWeight) -> QuantizedWeight:

@@ -75,7 +75,7 @@ QUANTIZATIONS = ("auto", "none", "gguf", "fp8")
 # In a folder of its own: the cache folder's *.safetensors are its dense checkpoint.
 _QUANTIZED_FILE = Path("quantized") / "weights.safetensors"
 # Bumped when the layout of that file changes, so that older caches are rebuilt.
-_QUANTIZED_CACHE_VERSION = "4"
+_QUANTIZED_CACHE_VERSION = "5"
 
 # Multimodal Gemma 3 checkpoints nest the text model; older ones the other way round.
 _TEXT_PREFIXES = (

@@ -151,6 +151,11 @@ def test_real_logits_rank_through_int4_and_their_top_is_exact(gemma_reader):
     assert torch.equal(got.argmax(-1), truth.argmax(-1))
     assert float((got.double() - truth).norm() / truth.norm()) < 0.12
     assert torch.equal(served.rows(torch.tensor([7])), exact.dequantize()[7:8])
+    if cpu_grouped_gemm.available():  # more rows than are ranked: every logit exact, through the grouped kernel
+        x8 = torch.randn(8, 640, generator=torch.Generator().manual_seed(1)) * 4
+        torch.testing.assert_close(
+            served(x8).double(), x8.double() @ exact.dequantize().double().t(), rtol=1e-5, atol=1e-4
+        )
 
 
 # --- loading with quantization "gguf" ------------------------------------------------------------------
