@@ -4,10 +4,13 @@
 weights) or per row and 128 columns (block weights), amax / 448 each: dynamic scales, as Qwen's
 FP8 checkpoints specify (`activation_scheme: dynamic`). `fp8_matmul` then multiplies:
 - per-channel weights: torch._scaled_mm with row-wise scales (cuBLASLt / CUTLASS on sm89+);
-- block weights: torch._scaled_mm's block-wise recipe (1x128 activations, 128x128 weights) where
-  this build runs it on this GPU (probed once, eagerly, against the Triton kernel), else
-  `_fp8_gemm_kernel` below: per 128-column step, tl.dot of the fp8 tiles times both scales.
-The Triton kernel takes any layout, so it is also the fallback for shapes cuBLAS refuses.
+- block weights (and whatever the row-wise recipe does not take): `_fp8_gemm_kernel` below, per
+  128-column step tl.dot of the fp8 tiles times both scales. It takes any shape and layout.
+torch._scaled_mm's block-wise recipe (1x128 activations, 128x128 weights) is not used: on the H200
+(torch 2.11+cu130) cuBLASLt's heuristic refused it (CUBLAS_STATUS_NOT_SUPPORTED) for row counts of
+a real step (250-token prefills, an offline batch) after a 256-row probe had passed, and a step's
+row count is any number, so no probe at load can cover them; an exception at serving time, or in a
+graph capture, must not be the way to find out.
 Everything is launched without host synchronisation, so it can be captured in a CUDA graph.
 """
 
@@ -21,7 +24,6 @@ from sfllm_core.kernels.pdl import pdl_launch
 
 FP8_MAX = 448.0
 GROUP = 128
-_blockwise_ok: dict[int, bool] = {}
 
 
 @triton.jit
@@ -68,7 +70,7 @@ def _quant_rows_kernel(
 
 def quantize_rows(x: torch.Tensor, grouped: bool, activation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q float8_e4m3fn [M, K], scale float32): x = q * scale per row ([M, 1]) or per row and 128
-    columns ([M, ceil(K / 128)], column-major as cuBLAS's block-wise recipe wants it).
+    columns ([M, ceil(K / 128)], column-major: the Triton GEMM reads a column of them per K step).
 
     With activation "silu" / "gelu_tanh", x is [M, 2K] laid out [gate | up] and act(gate) * up is quantized.
     """
@@ -224,51 +226,24 @@ def triton_fp8_gemm(
 
 
 @functools.cache
-def _has_fp8_mma(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (8, 9)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
-def _rowwise_fits(q: torch.Tensor, weight: torch.Tensor, block_n: int, out_dtype: torch.dtype) -> bool:
-    n, k = weight.shape
+def uses_rowwise_scaled_mm(
+    n: int, k: int, block_n: int, grouped: bool, out_dtype: torch.dtype, capability: tuple[int, int] | None
+) -> bool:
+    """Whether fp8_matmul hands W [n, k] to torch._scaled_mm (row-wise scales) rather than to the Triton
+    kernel; capability None: not on CUDA. Block-scaled weights never go to _scaled_mm."""
     return (
-        q.is_cuda
+        capability is not None
+        and capability >= (8, 9)
+        and not grouped
         and block_n == 1
         and out_dtype == torch.bfloat16
         and k % 16 == 0
         and n % 16 == 0
-        and _has_fp8_mma(q.device.index if q.device.index is not None else torch.cuda.current_device())
     )
-
-
-def _scaled_mm_blockwise(q, q_scale, weight, scale, out_dtype):
-    # cuBLAS's recipe: scale_a [M, K/128] and scale_b [K/128, N/128], both outer-dimension-major.
-    return torch._scaled_mm(q, weight.t(), scale_a=q_scale, scale_b=scale.t(), out_dtype=out_dtype)
-
-
-def blockwise_scaled_mm_supported(device: torch.device) -> bool:
-    """Whether torch._scaled_mm runs 1x128 x 128x128 block scales here, checked once against the Triton
-    kernel (on the first call, which must not be inside a graph capture: the engine's warm-up is not)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index in _blockwise_ok:
-        return _blockwise_ok[index]
-    if torch.cuda.is_current_stream_capturing():
-        return False
-    ok = False
-    try:
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(256, 512, device=device, generator=gen).to(torch.bfloat16)
-        w = torch.randn(384, 512, device=device, generator=gen)
-        from sfllm_core.layers.fp8 import Fp8Weight
-
-        fw = Fp8Weight.from_dense(w, "block")
-        q, q_scale = quantize_rows(x, grouped=True)
-        got = _scaled_mm_blockwise(q, q_scale, fw.weight, fw.scale, torch.bfloat16).float()
-        want = triton_fp8_gemm(q, q_scale, fw.weight, fw.scale, 128, torch.float32)
-        ok = bool(torch.allclose(got, want, rtol=2e-2, atol=2e-2 * float(want.abs().max())))
-    except (RuntimeError, ValueError, NotImplementedError):
-        ok = False
-    _blockwise_ok[index] = ok
-    return ok
 
 
 def fp8_matmul(
@@ -288,18 +263,10 @@ def fp8_matmul(
     q, q_scale = quantize_rows(x, grouped, activation)
     out_dtype = x.dtype
     n, k = weight.shape
-    if not grouped and _rowwise_fits(q, weight, block_n, out_dtype):
+    capability = None
+    if q.is_cuda:
+        capability = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if uses_rowwise_scaled_mm(n, k, block_n, grouped, out_dtype, capability):
         y = torch._scaled_mm(q, weight.t(), scale_a=q_scale, scale_b=scale.t(), out_dtype=out_dtype)
-        return y if bias is None else y + bias
-    if (
-        grouped
-        and q.is_cuda
-        and block_n == 128
-        and out_dtype == torch.bfloat16
-        and k % GROUP == 0
-        and n % GROUP == 0
-        and blockwise_scaled_mm_supported(q.device)
-    ):
-        y = _scaled_mm_blockwise(q, q_scale, weight, scale, out_dtype)
         return y if bias is None else y + bias
     return triton_fp8_gemm(q, q_scale, weight, scale, block_n, out_dtype, bias)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sfllm_core.kernels.fp8_gemm import blockwise_scaled_mm_supported, fp8_matmul, quantize_rows, triton_fp8_gemm
+from sfllm_core.kernels.fp8_gemm import fp8_matmul, quantize_rows, triton_fp8_gemm, uses_rowwise_scaled_mm
 from sfllm_core.layers.activation import SiluAndMul
 from sfllm_core.layers.fp8 import FP8_DTYPE, FP8_MAX, Fp8Weight
 
@@ -49,7 +49,7 @@ def test_quantize_rows_scales_by_amax(device, m, k, grouped):
     want_scale = _group_scales(x, grouped)
     assert q.dtype == FP8_DTYPE and scale.shape == want_scale.shape and scale.dtype == torch.float32
     if grouped:
-        assert scale.stride(0) == 1  # column-major, as cuBLAS's block-wise recipe reads it
+        assert scale.stride(0) == 1  # column-major: the Triton GEMM reads a column per K step
     torch.testing.assert_close(scale.cpu(), want_scale, rtol=0, atol=0)
     want_q = (x / _expand(want_scale, k)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     _assert_fp8_equal(q, want_q, device)
@@ -99,9 +99,12 @@ def test_triton_fp8_gemm_matches_dequantized_operands(device, m, n, k, scheme, s
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("scheme", ["channel", "block"])
-@pytest.mark.parametrize("m,n,k", [(8, 6144, 4096), (256, 24576, 4096), (300, 4096, 12288), (77, 384, 256)])
+@pytest.mark.parametrize(
+    "m,n,k", [(8, 6144, 4096), (256, 24576, 4096), (250, 24576, 4096), (300, 4096, 12288), (77, 384, 256)]
+)
 def test_fp8_matmul_paths_on_gpu(m, n, k, scheme):
-    """Whatever path fp8_matmul takes (_scaled_mm row-wise or block-wise, or Triton), it equals the reference."""
+    """Whatever path fp8_matmul takes (_scaled_mm row-wise, or Triton), it runs and equals the reference;
+    250 rows: the prefill whose block-wise _scaled_mm cuBLASLt refused on the H200."""
     gen = torch.Generator().manual_seed(m)
     fw = Fp8Weight.from_dense(torch.randn(n, k, generator=gen) / k**0.5, scheme).cuda()
     x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
@@ -113,13 +116,18 @@ def test_fp8_matmul_paths_on_gpu(m, n, k, scheme):
     torch.testing.assert_close(triton_out, want, atol=3e-2, rtol=2e-2)
 
 
-@pytest.mark.gpu
-@requires_cuda
-def test_blockwise_scaled_mm_probe_answers():
-    # Either answer is fine; it must not raise, and it is asked once per device.
-    first = blockwise_scaled_mm_supported(torch.device("cuda"))
-    assert blockwise_scaled_mm_supported(torch.device("cuda")) is first
-    print("torch._scaled_mm block-wise on this GPU:", first)
+@pytest.mark.parametrize("m", [1, 77, 250, 256, 8192])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (24576, 4096), (4096, 12288), (151936, 4096), (384, 256)])
+def test_block_weights_never_go_to_scaled_mm(m, n, k):
+    """Block scales run the Triton GEMM at every shape: cuBLASLt refused its block-wise recipe for some
+    row counts on the H200 (250 rows) after passing others (256), and a step's row count is any number."""
+    for capability in ((9, 0), (10, 0), (12, 0)):
+        assert not uses_rowwise_scaled_mm(n, k, 128, True, torch.bfloat16, capability)
+        assert not uses_rowwise_scaled_mm(n, k, 1, True, torch.bfloat16, capability)  # scales spread over rows
+        assert uses_rowwise_scaled_mm(n, k, 1, False, torch.bfloat16, capability)  # per channel: row-wise
+    assert not uses_rowwise_scaled_mm(n, k, 1, False, torch.bfloat16, (8, 6))  # no fp8 tensor cores
+    assert not uses_rowwise_scaled_mm(n, k, 1, False, torch.bfloat16, None)  # not CUDA
+    assert not uses_rowwise_scaled_mm(n, k + 8, 1, False, torch.bfloat16, (9, 0))  # off cuBLAS's 16 alignment
 
 
 @pytest.mark.gpu
