@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sfllm_core.kernels import cpu_decode_attention
+
 
 @dataclass
 class BatchMetadata:
@@ -174,6 +176,19 @@ class TorchPagedAttention(AttentionBackend):
                 # One query, every kept key visible (the window's older keys are cut above): grouped
                 # matmuls, ~6x faster on the CPU than SDPA's masked GQA path (50 against 320 us at 192 keys).
                 base = slot_starts[i]
+                if _cpu_kernel_fits(q, k_cache):
+                    cpu_decode_attention.decode_attention(
+                        out[start],
+                        q[start],
+                        k_cache,
+                        v_cache,
+                        None if base is not None else slots,
+                        0 if base is None else base + first_key,
+                        length - first_key,
+                        scale,
+                    )
+                    start += 1
+                    continue
                 if base is not None:  # a slice instead of a gather (two copies of the keys per layer)
                     keys, values = k_cache[base + first_key : base + length], v_cache[base + first_key : base + length]
                 else:
@@ -197,3 +212,15 @@ class TorchPagedAttention(AttentionBackend):
             out[start : start + qlen] = o.transpose(0, 1)
             start += qlen
         return out
+
+
+def _cpu_kernel_fits(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """float32 on the CPU outside autograd: kernels/cpu_decode_attention.py in one call instead of ~12 ops."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == k_cache.dtype == torch.float32
+        and q.is_contiguous()
+        and k_cache.is_contiguous()
+        and not q.requires_grad
+        and cpu_decode_attention.available()
+    )
