@@ -23,6 +23,7 @@ Usage:
   PYTHONPATH=. python bench/speculative.py --model PATH [--device cuda] [--batches 1 64]
   PYTHONPATH=. python bench/speculative.py --eagle3-cost --device cuda [--k 4]   # Qwen3-8B shape
   PYTHONPATH=. .venv/bin/python bench/speculative.py --eagle3-cost --tiny      # CPU smoke size
+  PYTHONPATH=. .venv/bin/python bench/speculative.py --tiny --host-time --batches 1 64 --new-tokens 96
 """
 
 import argparse
@@ -252,6 +253,54 @@ def eagle3_cost(args, dtype: str) -> None:
             )  # fmt: skip
 
 
+def host_time(args, path: str, dtype: str) -> None:
+    """Host time per verify step: a step's thread CPU time less its verify pass's (the part a CUDA
+    graph replays on the GPU), n-gram drafts on the verify buffers, run eagerly here."""
+    torch.set_num_threads(1)
+    engine = InferenceEngine(
+        model_path=path, dtype=dtype, device=args.device, max_num_seqs=max(args.batches), max_context_length=1024,
+        speculative_algorithm="ngram", num_speculative_tokens=args.k, ngram_max=args.ngram_max,
+        ngram_min=args.ngram_min, speculative_max_batch=max(args.batches),
+    )  # fmt: skip
+    if engine.runner.verify is None:
+        engine.runner.enable_verify_graphs(args.k + 1, max(args.batches))
+    verify = engine.runner.verify
+    forward_s = [0.0]
+    run_forward = verify._forward
+
+    def timed_forward(*a):
+        start = time.thread_time()
+        out = run_forward(*a)
+        forward_s[0] += time.thread_time() - start
+        return out
+
+    verify._forward = timed_forward
+    g = torch.Generator().manual_seed(0)
+    # A 30-token passage three times over (random weights then loop often, and drafts get accepted).
+    prompts = [
+        torch.randint(10, engine.vocab_size, (30,), generator=g).tolist() * 3 for _ in range(max(args.batches) + 1)
+    ]
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    print(f"\nhost time per verify step, {Path(path).name} ({dtype}, {args.device}), k={args.k}, 1 thread")
+    for batch in args.batches:
+        rounds = []
+        for r in range(args.rounds):
+            for i, prompt in enumerate(prompts[1:2] if batch == 1 else prompts[:batch]):
+                engine.add_request(f"host-{batch}-{r}-{i}", prompt, params)
+            host, steps = 0.0, 0
+            while engine.has_work():
+                before, forward_s[0] = verify.num_steps, 0.0
+                start = time.thread_time()
+                engine.step()
+                if verify.num_steps > before:
+                    host += time.thread_time() - start - forward_s[0]
+                    steps += 1
+            rounds.append(1000 * host / max(steps, 1))
+        rounds.sort()
+        every = " ".join(f"{x:.3f}" for x in rounds)
+        print(f"  batch {batch:>3}: {rounds[len(rounds) // 2]:.3f} ms (median; rounds {every}), {steps} verify steps")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="HF folder or GGUF (default: the packaged Gemma 3 270M)")
@@ -266,6 +315,9 @@ def main() -> None:
     parser.add_argument("--ngram-min", type=int, default=2)
     parser.add_argument("--workloads", nargs="+", default=["copy", "random"])
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
+    parser.add_argument("--speculative-max-batch", type=int, default=None, help="default: the largest batch")
+    parser.add_argument("--host-time", action="store_true", help="host ms per verify step (use with --tiny)")
+    parser.add_argument("--rounds", type=int, default=5, help="--host-time rounds per batch")
     parser.add_argument("--json", default=None)
     parser.add_argument("--eagle3-cost", action="store_true", help="EAGLE-3's step costs and projected tok/s")
     parser.add_argument("--acceptance-lengths", type=float, nargs="+", default=list(PUBLISHED_ACCEPTANCE))
@@ -283,13 +335,17 @@ def main() -> None:
         args.new_tokens = min(args.new_tokens, 64)
     else:
         path = resolve_model_path(args.model)
+    if args.host_time:
+        host_time(args, path, dtype)
+        return
     common = dict(model_path=path, dtype=dtype, device=args.device, max_num_seqs=max(args.batches))
     spec_settings = dict(
         speculative_algorithm="ngram",
         num_speculative_tokens=args.k,
         ngram_max=args.ngram_max,
         ngram_min=args.ngram_min,
-        speculative_max_batch=max(args.batches),
+        # By default every batch given speculates; --speculative-max-batch 32 times the engine's default policy.
+        speculative_max_batch=args.speculative_max_batch or max(args.batches),
     )
     plain = InferenceEngine(**common)
     spec = InferenceEngine(**common, **spec_settings)

@@ -596,7 +596,12 @@ class InferenceEngine:
             else:
                 logits, rows = self.runner.execute(batch)
             sampled = [batch.seqs[r] for r in rows]
-            tokens, logprobs = self.sampler(logits, sample_rows(sampled)) if sampled else ([], [])
+            # Greedy sequences (a draft row samples as its sequence does) skip the rows' objects.
+            tokens = self.sampler.greedy(logits, sampled) if sampled else []
+            if tokens is not None:
+                logprobs = [None] * len(tokens)
+            else:
+                tokens, logprobs = self.sampler(logits, sample_rows(sampled))
         except Exception as exc:
             return self._fail(batch, exc)
         settled = []

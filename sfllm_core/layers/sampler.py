@@ -49,6 +49,14 @@ class Sampler:
             tokens[rows] = self._sample(logits[rows], [seqs[i] for i in sampled_rows])
         return tokens
 
+    @staticmethod
+    def greedy(logits: torch.Tensor, seqs: list[RequestSequence]) -> list[int] | None:
+        """Each row's argmax, read back once, when every sequence is greedy, unadjusted and wants
+        no logprobs (what `__call__` returns for them, without its per-row work); else None."""
+        if any(not s.params.greedy or s.adjusts_logits or s.params.logprobs for s in seqs):
+            return None
+        return logits.argmax(dim=-1).tolist()
+
     def __call__(
         self, logits: torch.Tensor, seqs: list[RequestSequence]
     ) -> tuple[list[int], list[TokenLogprob | None]]:

@@ -261,6 +261,11 @@ def test_fixed_shape_verify_steps_pad_without_changing_a_token(which, qwen3_path
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     for a, b in zip(got, want):
         assert all(abs(x.logprob - y.logprob) < 1e-4 for x, y in zip(a.logprobs, b.logprobs))
+    # Without logprobs the greedy rows are read back as one argmax; alone, a looping prompt fills
+    # every row of its padded step.
+    quiet = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    assert [o.token_ids for o in spec.generate(prompts, quiet)] == [o.token_ids for o in want]
+    assert spec.generate(prompts[-2:-1], quiet)[0].token_ids == want[-2].token_ids
     assert spec.runner.verify.num_steps > 0
     _assert_drafts_were_kept(spec)
     _assert_clean(spec)
