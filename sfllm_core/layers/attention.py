@@ -153,8 +153,9 @@ class TorchPagedAttention(AttentionBackend):
         num_heads, num_kv_heads = q.shape[1], k_cache.shape[1]
         start = batched = 0  # start: next token row; batched: sequences already done together
         nd = meta.num_decodes
-        if nd > 1:
-            # Decodes together: one padded gather and one attention call instead of one per sequence.
+        if nd > 1 and not _cpu_kernel_fits(q, k_cache):
+            # Decodes together: one padded gather and one attention call instead of one per sequence
+            # (the CPU kernel below takes them one by one, reading the cache in place).
             index, valid = self._decode_index(meta, sliding_window)
             keys = k_cache[index].to(q.dtype).transpose(1, 2)  # [nd, Hkv, L, D]
             values = v_cache[index].to(q.dtype).transpose(1, 2)
