@@ -3,16 +3,26 @@
 The decode-time projection of an FP8 model (layers/fp8.py). A step at batch 1-2 only reads weights,
 so fp8 halves it against bfloat16. Each program owns BLOCK_N weight rows and walks K in chunks of
 BLOCK_K, keeping the next two chunks' loads in flight while it multiplies one; its first two (and a
-per-channel scale) are loaded before it waits on the previous kernel (kernels/pdl.py). The scale is
-applied per row at the end (per channel), or per 128 columns to each chunk's partial sums (blocks).
+per-channel scale) are loaded before it waits on the previous kernel (kernels/pdl.py).
+
+The loop has no barrier, shuffle or shared memory: x is read through the weight tile's own 2-D
+offsets (every tile row reads the same columns, from L1), so it arrives in the tile's layout instead
+of being converted to it; the column offsets are declared 8-contiguous so that fp8 weights (8 bytes
+a load) and bfloat16 x (16 bytes) get one layout. Each thread sums its runs of 8 columns into a
+[BLOCK_N, BLOCK_K / 8] accumulator (block scales multiply those runs: 8 divides 128), and the rows
+are reduced across threads once, after the loop. (The first version converted x's layout through
+shared memory and reduced across warps in every chunk: 2-10 bar.sync per 8 KB of weights in the
+sm_90 PTX, ~2 TB/s on the H200.) A per-channel scale applies per row at the end.
 
 As kernels/gemv.py, the input can be produced inside the kernel:
 - gated (activation "silu" / "gelu_tanh"): x is [gate | up] and the product uses act(gate) * up;
 - normed (`fp8_gemv_normed`): x = RMSNorm(h + residual). Every program first sums the squares of
   its rows in one wide load (h and residual are a few KB, in L2), then normalises each chunk as it goes;
-  program 0 alone writes the new residual stream, to a fresh buffer.
+  program 0's first tile row alone writes the new residual stream, to a fresh buffer.
 Both round where the eager model rounds (the activation dtype after the add, the norm, the act).
 """
+
+import math
 
 import torch
 import triton
@@ -23,9 +33,11 @@ from sfllm_core.kernels.pdl import pdl_launch
 MAX_ROWS = 4
 ACTIVATIONS = {None: 0, "silu": 1, "gelu_tanh": 2}
 # Bytes (= elements) of the weight chunk a program loads per step (BLOCK_N x BLOCK_K): 8 KB, with two
-# more in flight; with two or more programs per SM that keeps 48 KB or more per SM in flight, past
-# what Little's law asks of HBM3e at ~1 us latency. 8 warps hold a chunk as 32 fp32 values per thread.
+# more in flight; with two programs per SM (~100 registers a thread at 8 warps, ptxas -v) that keeps
+# 48 KB per SM in flight, past what Little's law asks of HBM3e at ~1 us latency.
 _TILE = 8192
+# Programs resident per SM at that register use: the unit of a wave.
+_PROGRAMS_PER_SM = 2
 # The norm's sums of squares read their rows in pieces this wide: one piece for the served models'
 # hidden sizes, so the pass costs one L2 round trip while the first weight chunk streams in.
 _STATS_BLOCK = 8192
@@ -58,7 +70,7 @@ def _x_chunk(
     NormWeight,
     m,
     offs,
-    pid,
+    first_row,
     rstd,
     stride_xm,
     stride_rm,
@@ -78,8 +90,7 @@ def _x_chunk(
         if HAS_RESIDUAL:
             r = tl.load(Residual + m * stride_rm + offs, mask=k_mask, other=0.0)
             v = (v.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            if pid == 0:
-                tl.store(ResidualOut + m * stride_rom + offs, v, mask=k_mask)
+            tl.store(ResidualOut + m * stride_rom + offs, v, mask=k_mask & first_row)
         nw = tl.load(NormWeight + offs, mask=k_mask, other=0.0).to(tl.float32)
         if GEMMA:
             x = (v.to(tl.float32) * rstd) * (1.0 + nw)
@@ -102,13 +113,13 @@ def _x_chunk(
 
 
 @triton.jit
-def _chunk_dot(w, x, sb, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_BK: tl.constexpr, BLOCKWISE: tl.constexpr):
-    """Row sums of w * x over one chunk [BLOCK_N]; with BLOCKWISE, each 128 columns' sum times its scale sb."""
-    prod = w * x[None, :]
+def _partial(w, x, sb, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKWISE: tl.constexpr):
+    """w * x summed over each run of 8 columns, [BLOCK_N, BLOCK_K // 8] (inside a thread: its 8 columns
+    are one load), times the runs' block scales with BLOCKWISE."""
+    part = tl.sum(tl.reshape(w * x, [BLOCK_N, BLOCK_K // 8, 8]), axis=2)
     if BLOCKWISE:
-        part = tl.sum(tl.reshape(prod, [BLOCK_N, BLOCK_K // SCALE_BK, SCALE_BK]), axis=2)
-        return tl.sum(part * sb, axis=1)
-    return tl.sum(prod, axis=1)
+        part = part * sb
+    return part
 
 
 @triton.jit
@@ -147,7 +158,7 @@ def _fp8_gemv_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_K), 8), 8)
     w_rows = W + rows[:, None].to(tl.int64) * stride_w
     s_rows = Scale + (rows // SCALE_BN) * stride_s
     # Weights and scales are never written during a step: start streaming before waiting on x's producer.
@@ -178,60 +189,68 @@ def _fp8_gemv_kernel(
         if M > 3:
             s3 = _row_sumsq(X, Residual, 3, stride_xm, stride_rm, K, BLOCK_STATS, HAS_RESIDUAL, dtype)
             rstd3 = tl.rsqrt(s3 / K + eps)
-    acc0 = tl.zeros([BLOCK_N], tl.float32)
-    acc1 = tl.zeros([BLOCK_N], tl.float32)
-    acc2 = tl.zeros([BLOCK_N], tl.float32)
-    acc3 = tl.zeros([BLOCK_N], tl.float32)
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_K // 8], tl.float32)
+    # The tile row of weight row 0 (program 0's first) writes the new residual stream.
+    first_row = (rows == 0)[:, None]
+    zero_rows = tl.zeros([BLOCK_N, 1], tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        offs = k0 + offs_k
+        offs = zero_rows + tl.max_contiguous(tl.multiple_of(k0 + offs_k, 8), 8)[None, :]
         ahead = offs + 2 * BLOCK_K
-        w2 = tl.load(w_rows + ahead[None, :], mask=row_mask[:, None] & (ahead[None, :] < K), other=0.0)
+        w2 = tl.load(w_rows + ahead, mask=row_mask[:, None] & (ahead < K), other=0.0)
+        wf = w.to(tl.float32)
         sb = 0.0
         if BLOCKWISE:
-            cols = k0 // SCALE_BK + tl.arange(0, BLOCK_K // SCALE_BK)
-            col_mask = cols < (K + SCALE_BK - 1) // SCALE_BK
-            sb = tl.load(s_rows[:, None] + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        wf = w.to(tl.float32)
+            # The block scale of every 8 columns (8 divides 128): one per thread's run of columns.
+            runs = k0 + 8 * tl.arange(0, BLOCK_K // 8)
+            run_mask = row_mask[:, None] & (runs[None, :] < K)
+            sb = tl.load(s_rows[:, None] + runs[None, :] // SCALE_BK, mask=run_mask, other=0.0)
         x = _x_chunk(
-            X, Residual, ResidualOut, NormWeight, 0, offs, pid, rstd0, stride_xm, stride_rm, stride_rom,
+            X, Residual, ResidualOut, NormWeight, 0, offs, first_row, rstd0, stride_xm, stride_rm, stride_rom,
             K, ACT, NORM, HAS_RESIDUAL, GEMMA, dtype,
         )  # fmt: skip
-        acc0 += _chunk_dot(wf, x, sb, BLOCK_N, BLOCK_K, SCALE_BK, BLOCKWISE)
+        acc0 += _partial(wf, x, sb, BLOCK_N, BLOCK_K, BLOCKWISE)
         if M > 1:
             x = _x_chunk(
-                X, Residual, ResidualOut, NormWeight, 1, offs, pid, rstd1, stride_xm, stride_rm, stride_rom,
+                X, Residual, ResidualOut, NormWeight, 1, offs, first_row, rstd1, stride_xm, stride_rm, stride_rom,
                 K, ACT, NORM, HAS_RESIDUAL, GEMMA, dtype,
             )  # fmt: skip
-            acc1 += _chunk_dot(wf, x, sb, BLOCK_N, BLOCK_K, SCALE_BK, BLOCKWISE)
+            acc1 += _partial(wf, x, sb, BLOCK_N, BLOCK_K, BLOCKWISE)
         if M > 2:
             x = _x_chunk(
-                X, Residual, ResidualOut, NormWeight, 2, offs, pid, rstd2, stride_xm, stride_rm, stride_rom,
+                X, Residual, ResidualOut, NormWeight, 2, offs, first_row, rstd2, stride_xm, stride_rm, stride_rom,
                 K, ACT, NORM, HAS_RESIDUAL, GEMMA, dtype,
             )  # fmt: skip
-            acc2 += _chunk_dot(wf, x, sb, BLOCK_N, BLOCK_K, SCALE_BK, BLOCKWISE)
+            acc2 += _partial(wf, x, sb, BLOCK_N, BLOCK_K, BLOCKWISE)
         if M > 3:
             x = _x_chunk(
-                X, Residual, ResidualOut, NormWeight, 3, offs, pid, rstd3, stride_xm, stride_rm, stride_rom,
+                X, Residual, ResidualOut, NormWeight, 3, offs, first_row, rstd3, stride_xm, stride_rm, stride_rom,
                 K, ACT, NORM, HAS_RESIDUAL, GEMMA, dtype,
             )  # fmt: skip
-            acc3 += _chunk_dot(wf, x, sb, BLOCK_N, BLOCK_K, SCALE_BK, BLOCKWISE)
+            acc3 += _partial(wf, x, sb, BLOCK_N, BLOCK_K, BLOCKWISE)
         w = w1
         w1 = w2
     bias = 0.0
     if HAS_BIAS:
         bias = tl.load(Bias + rows, mask=row_mask, other=0.0).to(tl.float32)
+    out0 = tl.sum(acc0, axis=1)
+    out1 = tl.sum(acc1, axis=1)
+    out2 = tl.sum(acc2, axis=1)
+    out3 = tl.sum(acc3, axis=1)
     if not BLOCKWISE:
-        acc0 = acc0 * s
-        acc1 = acc1 * s
-        acc2 = acc2 * s
-        acc3 = acc3 * s
-    tl.store(Out + rows, (acc0 + bias).to(dtype), mask=row_mask)
+        out0 = out0 * s
+        out1 = out1 * s
+        out2 = out2 * s
+        out3 = out3 * s
+    tl.store(Out + rows, (out0 + bias).to(dtype), mask=row_mask)
     if M > 1:
-        tl.store(Out + stride_om + rows, (acc1 + bias).to(dtype), mask=row_mask)
+        tl.store(Out + stride_om + rows, (out1 + bias).to(dtype), mask=row_mask)
     if M > 2:
-        tl.store(Out + 2 * stride_om + rows, (acc2 + bias).to(dtype), mask=row_mask)
+        tl.store(Out + 2 * stride_om + rows, (out2 + bias).to(dtype), mask=row_mask)
     if M > 3:
-        tl.store(Out + 3 * stride_om + rows, (acc3 + bias).to(dtype), mask=row_mask)
+        tl.store(Out + 3 * stride_om + rows, (out3 + bias).to(dtype), mask=row_mask)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -244,14 +263,22 @@ def _sm_count(device: torch.device) -> int:
 
 
 def launch_config(rows: int, n: int, k: int, blockwise: bool, sms: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps): row blocks small enough to give every SM two programs, the
-    tile's width filled up to _TILE elements per row of x (at least 128 columns with block scales)."""
-    block_n = 32
-    while block_n > 1 and triton.cdiv(n, block_n) < 2 * sms:
-        block_n //= 2
+    """(BLOCK_N, BLOCK_K, num_warps): row blocks giving at least a full wave of programs (two per SM)
+    and little idle in the last wave, the tile's width filled up to _TILE elements per row of x (at
+    least 128 columns with block scales)."""
+    slots = _PROGRAMS_PER_SM * sms
+
+    def last_wave_idle(block_n: int) -> float:
+        waves = triton.cdiv(n, block_n) / slots
+        return 1.0 - waves / math.ceil(waves)
+
+    # The largest row block leaving at most a tenth of the slots idle over the waves: Qwen3-8B's q|k|v
+    # (6144 rows, 132 SMs) in 16-row blocks fills 1.45 waves (a quarter idle), in 8-row blocks 2.91.
+    fitting = [b for b in (32, 16, 8, 4, 2) if triton.cdiv(n, b) >= slots] or [1]
+    block_n = next((b for b in fitting if last_wave_idle(b) <= 0.1), min(fitting, key=last_wave_idle))
     # Rows of x reuse the same weight chunk one after another: only 3-4 rows shrink the chunk.
     budget = _TILE if rows <= 2 else _TILE // 2
-    block_k = min(triton.next_power_of_2(k), max(budget // block_n, 64))
+    block_k = max(min(triton.next_power_of_2(k), max(budget // block_n, 64)), 8)
     if blockwise:
         block_k = max(block_k, 128)
         block_n = max(1, min(block_n, budget // block_k))
