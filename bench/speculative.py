@@ -8,8 +8,10 @@ The peer is transformers' own generate on the same weights, without and with pro
 On random weights nothing is copied, but greedy decoding falls into loops that n-gram lookup
 catches; the acceptance rate printed is what the drafts actually got, so read the speedup with it.
 
-Tokens/s counts decode only: each request is timed at NEW and at 1 new token, and the difference
-is divided by NEW - 1. Prints a table, last.
+The n-gram engine runs with its gate (speculation stands aside at batch sizes where it measured
+slower; `aside` counts those steps) unless --always-speculate. Tokens/s counts decode only: each
+request is timed at NEW and at 1 new token, and the difference is divided by NEW - 1. Prints a
+table, last.
 
 --eagle3-cost (no trained head is reachable here): the cost of EAGLE-3's parts at batch 1 on a
 model shape with random weights (Qwen3-8B by default, a tiny one with --tiny), and from them the
@@ -318,6 +320,9 @@ def main() -> None:
     parser.add_argument("--speculative-max-batch", type=int, default=None, help="default: the largest batch")
     parser.add_argument("--host-time", action="store_true", help="host ms per verify step (use with --tiny)")
     parser.add_argument("--rounds", type=int, default=5, help="--host-time rounds per batch")
+    parser.add_argument(
+        "--always-speculate", action="store_true", help="no gate: speculate even where it measured slower"
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--eagle3-cost", action="store_true", help="EAGLE-3's step costs and projected tok/s")
     parser.add_argument("--acceptance-lengths", type=float, nargs="+", default=list(PUBLISHED_ACCEPTANCE))
@@ -346,6 +351,7 @@ def main() -> None:
         ngram_min=args.ngram_min,
         # By default every batch given speculates; --speculative-max-batch 32 times the engine's default policy.
         speculative_max_batch=args.speculative_max_batch or max(args.batches),
+        speculative_adaptive=not args.always_speculate,
     )
     plain = InferenceEngine(**common)
     spec = InferenceEngine(**common, **spec_settings)
@@ -361,6 +367,7 @@ def main() -> None:
                 prompts = random_prompts(plain.vocab_size, count, len(copy_prompts(plain, 1)[0]))
             ours, want = time_engine(plain, prompts, batch, args.new_tokens)
             before = (spec.proposer.num_draft_tokens, spec.proposer.num_accepted_tokens, spec.proposer.num_proposals)
+            aside = spec.gate.num_steps_aside if spec.gate is not None else 0
             fast, got = time_engine(spec, prompts, batch, args.new_tokens)
             drafted, accepted, verified = (
                 now - was
@@ -380,6 +387,8 @@ def main() -> None:
                 acceptance_rate=accepted / drafted if drafted else 0.0,
                 tokens_per_verify=1 + accepted / verified if verified else 0.0,
                 identical=got == want,
+                # Steps in which the gate kept drafts back (speculation measured slower at that batch size).
+                steps_aside=(spec.gate.num_steps_aside if spec.gate is not None else 0) - aside,
             )
             if peer is not None and batch == 1:
                 theirs, _ = time_transformers(peer, prompts, args.new_tokens, 0, args.device)
@@ -394,7 +403,8 @@ def main() -> None:
     )
     head = (
         f"{'workload':>8} | {'batch':>5} | {'sfllm tok/s':>11} | {'+ngram tok/s':>12} | {'speedup':>7} | "
-        f"{'accepted':>8} | {'tok/verify':>10} | {'same':>4} | {'hf tok/s':>8} | {'hf+lookup':>9} | {'hf speedup':>10}"
+        f"{'accepted':>8} | {'tok/verify':>10} | {'aside':>5} | {'same':>4} | "
+        f"{'hf tok/s':>8} | {'hf+lookup':>9} | {'hf speedup':>10}"
     )
     print(head)
     for r in rows:
@@ -406,6 +416,7 @@ def main() -> None:
         print(
             f"{r['workload']:>8} | {r['batch']:>5} | {r['sfllm_tok_s']:>11.1f} | {r['sfllm_ngram_tok_s']:>12.1f} | "
             f"{r['speedup']:>6.2f}x | {r['acceptance_rate']:>7.0%} | {r['tokens_per_verify']:>10.2f} | "
+            f"{r['steps_aside']:>5} | "
             f"{'yes' if r['identical'] else 'NO':>4} | {hf}"
         )
     if args.json:

@@ -71,6 +71,9 @@ class EngineConfig:
     # Speculation stands aside in steps with more decoding sequences than this: a large batch is
     # compute-bound, and verifying drafts there costs more than it saves.
     speculative_max_batch: int = 32
+    # n-gram speculation also stands aside at a batch size where it measured slower per token than
+    # plain decoding (engine/speculative.py, SpeculationGate); off: it runs wherever drafts are found.
+    speculative_adaptive: bool = True
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

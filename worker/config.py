@@ -49,6 +49,7 @@ class WorkerConfig:
     ngram_max: int = 4
     ngram_min: int = 2
     speculative_max_batch: int = 32  # speculation stands aside in steps with more decoding sequences
+    speculative_adaptive: bool = True  # n-gram: also where it measured slower than plain steps
     max_n: int = 16  # most completions one Generate call may ask for
     max_stop_strings: int = 16
     drain_timeout_s: float = 30.0  # SIGTERM: how long in-flight streams may run before they are aborted
@@ -95,6 +96,7 @@ class WorkerConfig:
             ngram_max=self.ngram_max,
             ngram_min=self.ngram_min,
             speculative_max_batch=self.speculative_max_batch,
+            speculative_adaptive=self.speculative_adaptive,
         )
 
     @classmethod
@@ -117,7 +119,7 @@ class WorkerConfig:
 
 
 _INT_OR_NONE = ("max_context_length", "num_pages")
-_BOOLS = ("enable_prefix_caching", "sliding_window_kv", "cuda_graphs", "pdl")
+_BOOLS = ("enable_prefix_caching", "sliding_window_kv", "cuda_graphs", "pdl", "speculative_adaptive")
 
 
 def _from_env(name: str, raw: str) -> object:
@@ -221,6 +223,13 @@ def _parser() -> argparse.ArgumentParser:
         "--speculative-max-batch",
         type=int,
         help=f"no speculation in steps with more decoding sequences (default {d.speculative_max_batch})",
+    )
+    p.add_argument(
+        "--no-speculative-adaptive",
+        dest="speculative_adaptive",
+        action="store_const",
+        const=False,
+        help="n-gram drafts wherever found, even at batch sizes where speculating measured slower",
     )
     p.add_argument("--max-n", type=int, help=f"most completions per request (default {d.max_n})")
     p.add_argument("--max-stop-strings", type=int, help=f"most stop strings per request (default {d.max_stop_strings})")

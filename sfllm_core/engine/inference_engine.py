@@ -29,7 +29,7 @@ from sfllm_core.engine.model_runner import ModelRunner
 from sfllm_core.engine.ranks import Followers, RankSetup, join_group
 from sfllm_core.engine.request_sequence import PENDING_TOKEN, RequestSequence, SequenceStatus
 from sfllm_core.engine.scheduler import ScheduledBatch, Scheduler, window_pages_per_seq
-from sfllm_core.engine.speculative import DraftProposer, accepted_length, sample_rows
+from sfllm_core.engine.speculative import DraftProposer, SpeculationGate, accepted_length, sample_rows
 from sfllm_core.errors import InvalidRequestError, QueueFullError
 from sfllm_core.layers.attention import AttentionBackend, TorchPagedAttention
 from sfllm_core.layers.linear import install_quantized_weights
@@ -125,6 +125,9 @@ class InferenceEngine:
         self.sampler = Sampler(config.seed)
         self.aux_layers: tuple[int, ...] = ()  # the target layers an EAGLE-3 head reads (set with it)
         self.proposer = self._build_proposer()
+        adaptive = config.speculative_algorithm == "ngram" and config.speculative_adaptive
+        self.gate = SpeculationGate() if adaptive else None
+        self._step_start, self._step_tokens = 0.0, 0  # the step the gate times, and its tokens
         if self.proposer is not None and self.runner.graphs is not None:
             # Eager verify steps launch every kernel from the host: at batch 1 that costs what the drafts save.
             self.runner.enable_verify_graphs(
@@ -498,6 +501,17 @@ class InferenceEngine:
         the GPU and feed the next step directly, and the host reads them (finish checks, outputs)
         while that next step runs. Every other step first settles what is pending.
         """
+        if self.gate is None:
+            return self._step()
+        self._step_start = time.perf_counter()
+        self.gate.record(self._step_start, self._step_tokens)
+        outputs = self._step()
+        self._step_tokens = sum(len(o.token_ids) for o in outputs)
+        if not self.scheduler.running:  # what comes next may be a wait for requests, not a step
+            self.gate.drop()
+        return outputs
+
+    def _step(self) -> list[StepOutput]:
         outputs = self._drain_inbox()
         if self._grammar_queue:
             outputs += self._admit_constrained()
@@ -551,7 +565,8 @@ class InferenceEngine:
 
         Proposing reads every token, so a step launched ahead is settled first, but only when some
         sequence is due a proposal: one the proposer keeps missing is skipped for a while, and a
-        batch with more decoding sequences than speculative_max_batch is left alone.
+        batch with more decoding sequences than speculative_max_batch is left alone, as is one of a
+        size where the gate (SpeculationGate) measured drafts costing more per token than plain steps.
         """
         decoding = [
             s
@@ -561,6 +576,8 @@ class InferenceEngine:
         self._aux_step = False
         if len(decoding) > self.config.speculative_max_batch:
             return []
+        if self.gate is not None and decoding and not self.gate.allow(len(decoding), self._step_start):
+            return []  # drafts have cost more than they saved at this batch size lately
         outputs = []
         if self.aux_layers:
             # An EAGLE-3 head's step: the target hands out its hidden states, so it runs eagerly

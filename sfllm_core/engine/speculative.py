@@ -145,3 +145,101 @@ class DraftProposer(ABC):
     def mean_acceptance_length(self) -> float:
         """Tokens a verify step yields per sequence on average (accepted drafts plus the one sampled)."""
         return 1 + self.num_accepted_tokens / self.num_proposals if self.num_proposals else 0.0
+
+
+class SpeculationGate:
+    """Whether a step may speculate, from what tokens have cost with and without it at this batch size.
+
+    Steps run in stretches of one mode (drafts allowed or not) per batch size, rounded up to a power
+    of two. Each step is timed from its start to the next one's, with the tokens it emitted; a
+    stretch's steps but the first (which pays for the mode before it: an overlapped decode is read a
+    step late) go into that mode's running cost per token. Once both modes are measured the cheaper
+    one runs, and the other gets a stretch now and then to follow changes in acceptance: after 2
+    stretches, then after twice as many each time it loses again (up to MAX_GAP), back to 2 when it
+    wins. So speculation stands aside where the batch is large or drafts are poor, by measurement;
+    no step's tokens change.
+    """
+
+    STRETCH = 4  # steps per stretch
+    ALPHA = 0.5  # weight of the latest stretch in the running cost
+    MAX_GAP = 32  # most stretches between two tries of the losing mode
+
+    def __init__(self) -> None:
+        self._cost: dict[tuple[int, bool], float] = {}  # (bucket, speculating): seconds per token
+        self._state: dict[int, _GateState] = {}
+        self._open: tuple[float, int, bool] | None = None  # the step being timed: start, bucket, counted
+        self._previous: int | None = None  # the bucket of the step before, if it was timed
+        self.num_steps_aside = 0  # steps in which the gate kept drafts back
+
+    @staticmethod
+    def bucket(num_decoding: int) -> int:
+        return 1 << max(0, num_decoding - 1).bit_length()
+
+    def cost(self, num_decoding: int, speculating: bool) -> float | None:
+        """Measured seconds per token at this batch size in this mode (None until a stretch ends)."""
+        return self._cost.get((self.bucket(num_decoding), speculating))
+
+    def record(self, now: float, tokens: int) -> None:
+        """A step starts at `now`: the one timed before it ran until now and emitted `tokens`."""
+        self._previous = None
+        if self._open is not None:
+            start, b, counted = self._open
+            if counted:
+                state = self._state[b]
+                state.seconds += now - start
+                state.tokens += tokens
+            self._previous = b
+        self._open = None
+
+    def drop(self) -> None:
+        """Time the step just run no further (nothing runs after it: the engine may sit idle)."""
+        self._open = None
+
+    def allow(self, num_decoding: int, now: float) -> bool:
+        """Time the step of num_decoding sequences that started at `now`; whether it may speculate."""
+        b = self.bucket(num_decoding)
+        state = self._state.get(b)
+        if state is None:
+            state = self._state[b] = _GateState()
+        if state.left == 0:
+            self._next_stretch(b, state)
+        counted = state.left < self.STRETCH and self._previous == b
+        state.left -= 1
+        self._open = (now, b, counted)
+        if not state.speculating:
+            self.num_steps_aside += 1
+        return state.speculating
+
+    def _next_stretch(self, b: int, state: "_GateState") -> None:
+        if state.tokens:
+            key = (b, state.speculating)
+            mean, old = state.seconds / state.tokens, self._cost.get(key)
+            self._cost[key] = mean if old is None else (1 - self.ALPHA) * old + self.ALPHA * mean
+        state.seconds, state.tokens = 0.0, 0
+        state.left = self.STRETCH
+        spec, plain = self._cost.get((b, True)), self._cost.get((b, False))
+        if spec is None or plain is None:
+            state.speculating = spec is None  # measure the mode not yet measured
+            return
+        best = spec <= plain
+        if state.exploring:  # a try of the losing mode: wait twice as long for the next if it lost again
+            state.gap = 2 if best == state.speculating else min(2 * state.gap, self.MAX_GAP)
+            state.exploring = False
+        elif best != state.speculating:  # the mode that ran lost its lead
+            state.gap, state.since = 2, 0
+        state.since += 1
+        if state.since >= state.gap:
+            state.since, state.exploring = 0, True
+            best = not best
+        state.speculating = best
+
+
+class _GateState:
+    """One batch size's stretch: its mode, steps left, the counted time and tokens so far, and how
+    often the losing mode is tried."""
+
+    __slots__ = ("speculating", "left", "seconds", "tokens", "gap", "since", "exploring")
+
+    def __init__(self) -> None:
+        self.speculating, self.left, self.seconds, self.tokens = True, SpeculationGate.STRETCH, 0.0, 0
+        self.gap, self.since, self.exploring = 2, 0, False

@@ -8,7 +8,10 @@ from sfllm_core.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.gpu
 
-NGRAM = dict(speculative_algorithm="ngram", num_speculative_tokens=4, ngram_max=3, ngram_min=1)
+# Without the gate (its choices follow timings): these tests count verify steps.
+NGRAM = dict(
+    speculative_algorithm="ngram", num_speculative_tokens=4, ngram_max=3, ngram_min=1, speculative_adaptive=False
+)
 COMMON = dict(dtype="float32", device="cuda", kv_cache_memory_gb=0.5, max_num_seqs=16, cuda_graph_max_batch=16)
 
 

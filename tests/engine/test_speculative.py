@@ -8,12 +8,15 @@ import torch
 from sfllm_core.engine.inference_engine import InferenceEngine
 from sfllm_core.engine.ngram import NgramProposer
 from sfllm_core.engine.request_sequence import RequestSequence
-from sfllm_core.engine.speculative import accepted_length, sample_rows
+from sfllm_core.engine.speculative import SpeculationGate, accepted_length, sample_rows
 from sfllm_core.errors import InvalidRequestError
 from sfllm_core.layers.sampler import Sampler
 from sfllm_core.sampling_params import SamplingParams
 
-NGRAM = dict(speculative_algorithm="ngram", num_speculative_tokens=4, ngram_max=3, ngram_min=1)
+# Without the gate, whose choices follow timings: these tests count drafts and rejections.
+NGRAM = dict(
+    speculative_algorithm="ngram", num_speculative_tokens=4, ngram_max=3, ngram_min=1, speculative_adaptive=False
+)
 
 
 def _prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
@@ -68,6 +71,20 @@ def test_greedy_outputs_are_identical_with_drafts(which, setting, qwen3_path, ge
     if "num_pages" in setting:
         assert spec.scheduler.num_preemptions > 0
     _assert_clean(spec)
+
+
+def test_the_gate_changes_no_token(qwen3_path):
+    """With the gate on (the default), whatever it measures: greedy tokens as without speculation."""
+    common = dict(model_path=str(qwen3_path), dtype="float32", page_size=4)
+    plain = InferenceEngine(**common)
+    gated = InferenceEngine(**common, **{**NGRAM, "speculative_adaptive": True})
+    prompts = _prompts(plain.vocab_size, [19, 5, 33])
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    want = [o.token_ids for o in plain.generate(prompts, params)]
+    for _ in range(2):  # the second run starts from the first one's measurements
+        assert [o.token_ids for o in gated.generate(prompts, params)] == want
+    assert gated.gate.cost(len(prompts), True) is not None
+    _assert_clean(gated)
 
 
 def test_stops_and_lengths_land_on_the_same_token_inside_a_multi_token_step(qwen3_path):
@@ -269,3 +286,36 @@ def test_fixed_shape_verify_steps_pad_without_changing_a_token(which, qwen3_path
     assert spec.runner.verify.num_steps > 0
     _assert_drafts_were_kept(spec)
     _assert_clean(spec)
+
+
+def _run_gate(gate: SpeculationGate, steps: int, batch: int, spec_s: float, spec_tokens: int, plain_s: float) -> list:
+    """Steps of `batch` sequences that take spec_s for spec_tokens when drafts are allowed, plain_s
+    for one token each when not; the modes the gate chose, in order."""
+    now, tokens, modes = 0.0, 0, []
+    for _ in range(steps):
+        gate.record(now, tokens)
+        speculating = gate.allow(batch, now)
+        modes.append(speculating)
+        now += spec_s if speculating else plain_s
+        tokens = spec_tokens if speculating else batch
+    return modes
+
+
+def test_the_gate_runs_the_mode_cheaper_per_token_and_keeps_measuring_the_other():
+    stretch = SpeculationGate.STRETCH
+    # Batch 64: a verify step costs 5 ms for 2 tokens a sequence, a decode step 1.4 ms for one.
+    gate = SpeculationGate()
+    modes = _run_gate(gate, 64 * stretch, 64, 5e-3, 128, 1.4e-3)
+    assert modes[:stretch] == [True] * stretch and modes[stretch : 2 * stretch] == [False] * stretch
+    later = modes[4 * stretch :]
+    # Only the stretches that try the other mode speculate, further apart each time it loses again.
+    assert 0 < sum(later) <= len(later) // 8
+    tries = [i for i in range(len(later)) if later[i] and (i == 0 or not later[i - 1])]
+    gaps = [b - a for a, b in zip(tries, tries[1:])]
+    assert len(gaps) >= 2 and gaps == sorted(gaps) and gaps[-1] > gaps[0]
+    assert gate.cost(64, True) > gate.cost(64, False) and gate.num_steps_aside == len(modes) - sum(modes)
+    assert gate.cost(8, True) is None  # each batch size is measured on its own
+    # Batch 1: a verify step costs 1 ms for 4 tokens, a decode step 0.5 ms for one.
+    gate = SpeculationGate()
+    later = _run_gate(gate, 64 * stretch, 1, 1e-3, 4, 0.5e-3)[4 * stretch :]
+    assert 0 < len(later) - sum(later) <= len(later) // 8  # speculating but for the tries

@@ -103,7 +103,9 @@ def test_load_gauges_follow_running_requests(make_worker):
 
 
 def test_speculative_decoding_counters_count_drafts_and_accepted_tokens(make_worker):
-    worker = make_worker(speculative_algorithm="ngram", num_speculative_tokens=4, ngram_max=3, ngram_min=1)
+    worker = make_worker(
+        speculative_algorithm="ngram", num_speculative_tokens=4, ngram_max=3, ngram_min=1, speculative_adaptive=False
+    )
     before = scrape(worker)
     assert _value(before, "sfllm:spec_decode_num_draft_tokens_total") == 0
     prompt = [299, 96, 353, 177, 67, 24, 268, 79, 271]
