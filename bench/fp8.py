@@ -8,7 +8,11 @@ block (lm_head stays bf16, as in Qwen's FP8 checkpoints). Reported: cosine simil
 rows, top-1 agreement, KL(bf16 || fp8), and how many positions are near ties for bf16 (top two
 within 0.5): random weights give flatter logits than a trained model, so top-1 there is the
 harshest reading. Weights: std 0.02 (transformers' initializer_range), the output projection scaled
-to give logits of std 4 (a trained model's spread), norms 1.
+to give logits of std 4 (a trained model's spread), norms 1. Per layer (prefill): the residual
+stream's cosine against bf16 after layers 1, 2, 4, ... (errors carried up), and each layer run alone
+on bf16's own input (its error only): at std 0.02 a 4096-wide random layer carries the stream's error
+on and adds to it (Qwen3-8B's 36 layers), a 1024-wide one lets it settle (0.6B); bf16's own rounding
+against float32 grows the same way (docs/PERFORMANCE.md, FP8).
 
 Kernels (--kernels): the FP8 GEMV against the bf16 path on the 8B shapes at batch 1, GB/s of
 weights; --sweep also times other (BLOCK_N, BLOCK_K, warps) for tuning launch_config.
@@ -134,6 +138,76 @@ def decode_logits(
     return torch.stack(rows[1:]), fed  # rows[0] is the prefill's last position
 
 
+@contextlib.contextmanager
+def layer_streams(model: nn.Module, record: list, inputs: list | None = None):
+    """Records each decoder layer's residual stream after it (h + residual, float32) into record, one
+    list per layer; with inputs (a reference run's recorded `layer_inputs`), every layer is fed the
+    reference's input instead of its predecessor's output, so its output differs by its own error only."""
+    layers = model.model.layers
+    record[:] = [[] for _ in layers]
+    seen = [0] * len(layers)
+
+    def before(i: int):
+        def hook(module, args):
+            if inputs is None:
+                return None
+            positions, _, _, ctx = args
+            h, residual = inputs[i][seen[i]]
+            return positions, h, residual, ctx
+
+        return hook
+
+    def after(i: int):
+        def hook(module, args, output):
+            h, residual = output
+            record[i].append((h.float() + residual.float()).cpu())
+            seen[i] += 1
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(before(i)) for i, layer in enumerate(layers)]
+    handles += [layer.register_forward_hook(after(i)) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def layer_inputs(model: nn.Module, record: list):
+    """Records each decoder layer's inputs (h, residual) as they are, one list per layer."""
+    layers = model.model.layers
+    record[:] = [[] for _ in layers]
+
+    def hook(i: int):
+        def fn(module, args):
+            _, h, residual, _ = args
+            record[i].append((h.clone(), None if residual is None else residual.clone()))
+
+        return fn
+
+    handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def stream_cosines(ref: list, got: list) -> list[float]:
+    """Mean cosine over positions of each layer's residual stream, got against ref."""
+    return [
+        F.cosine_similarity(torch.cat(g), torch.cat(r), dim=-1).mean().item() for r, g in zip(ref, got, strict=True)
+    ]
+
+
+def depth_profile(cosines: list[float]) -> dict[int, float]:
+    """The cosines after layers 1, 2, 4, 8, ... and the last (1-based)."""
+    depths = sorted({min(2**i, len(cosines)) for i in range(len(cosines).bit_length() + 1)})
+    return {d: cosines[d - 1] for d in depths}
+
+
 def compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
     cosine = F.cosine_similarity(got, ref, dim=-1)
     log_ref, log_got = torch.log_softmax(ref, -1), torch.log_softmax(got, -1)
@@ -166,14 +240,31 @@ def accuracy(name: str, config) -> dict:
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, config.vocab_size, (250,), generator=gen).tolist() for _ in range(4)]
     decode_prompt = torch.randint(0, config.vocab_size, (64,), generator=gen).tolist()
-    ref_prefill = torch.cat([prefill_logits(engine, p) for p in prompts])
+    ref_streams, ref_inputs = [], []
+    with layer_streams(engine.model, ref_streams), layer_inputs(engine.model, ref_inputs):
+        ref_prefill = torch.cat([prefill_logits(engine, p) for p in prompts])
     ref_decode, forced = decode_logits(engine, decode_prompt, 128, None)
     out = {}
     for scheme in ACCURACY_VARIANTS:
         with quantized(engine.model, scheme.removesuffix("+lm_head"), lm_head=scheme.endswith("+lm_head")):
-            got_prefill = torch.cat([prefill_logits(engine, p) for p in prompts])
+            streams, local = [], []
+            with layer_streams(engine.model, streams):
+                got_prefill = torch.cat([prefill_logits(engine, p) for p in prompts])
+            # Each layer on bf16's input: its own quantization error, none carried from below.
+            with layer_streams(engine.model, local, ref_inputs):
+                for p in prompts:
+                    prefill_logits(engine, p)
             got_decode, _ = decode_logits(engine, decode_prompt, 128, forced)
-        out[scheme] = {"prefill": compare(ref_prefill, got_prefill), "decode": compare(ref_decode, got_decode)}
+        compounded, alone = stream_cosines(ref_streams, streams), stream_cosines(ref_streams, local)
+        out[scheme] = {
+            "prefill": compare(ref_prefill, got_prefill),
+            "decode": compare(ref_decode, got_decode),
+            # Residual-stream cosine against bf16 after each layer (prefill positions): carried
+            # from the layers below, and each layer alone on bf16's input.
+            "layers_compounded": depth_profile(compounded),
+            "layer_alone_min": min(alone),
+            "layer_alone_mean": sum(alone) / len(alone),
+        }
         print(name, "accuracy", scheme, out[scheme], flush=True)
     engine.shutdown()
     del engine
@@ -324,13 +415,26 @@ def print_tables(results: dict) -> None:
               f"{'top-1':>6} | {'KL':>8} | {'bf16 ties':>9}")  # fmt: skip
         for model, by_scheme in acc.items():
             for scheme, paths in by_scheme.items():
-                for path, r in paths.items():
+                for path in ("prefill", "decode"):
+                    r = paths[path]
                     label = "prefill (W8A8 GEMM)" if path == "prefill" else "decode (GEMV)"
                     print(
                         f"{model:<11} | {scheme:<15} | {label:<19} | {r['positions']:>5} | {r['cosine_mean']:>8.5f} | "
                         f"{r['cosine_min']:>7.4f} | {r['top1_agreement']:>6.3f} | {r['kl_mean']:>8.5f} | "
                         f"{r['ref_near_ties']:>9.2f}"
                     )
+    if acc:
+        print("Residual stream against bf16 (prefill): each layer alone on bf16's input (min / mean), then")
+        print("carried through the layers below, after layer 1, 2, 4, ...: a layer's own error against its growth")
+        for model, by_scheme in acc.items():
+            for scheme, r in by_scheme.items():
+                if "layer_alone_min" not in r:
+                    continue
+                depths = "  ".join(f"L{d}: {c:.5f}" for d, c in r["layers_compounded"].items())
+                print(
+                    f"{model:<11} | {scheme:<15} | alone {r['layer_alone_min']:.5f} / {r['layer_alone_mean']:.5f} | "
+                    f"{depths}"
+                )
     kern = {m: r["kernels"] for m, r in results["models"].items() if "kernels" in r}
     if kern:
         print("Batch-1 projections, us (GB/s of weights): bf16 as served | fp8 channel | fp8 block")
