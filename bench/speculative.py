@@ -262,7 +262,7 @@ def host_time(args, path: str, dtype: str) -> None:
     engine = InferenceEngine(
         model_path=path, dtype=dtype, device=args.device, max_num_seqs=max(args.batches), max_context_length=1024,
         speculative_algorithm="ngram", num_speculative_tokens=args.k, ngram_max=args.ngram_max,
-        ngram_min=args.ngram_min, speculative_max_batch=max(args.batches),
+        ngram_min=args.ngram_min, speculative_max_batch=max(args.batches), speculative_adaptive=False,
     )  # fmt: skip
     if engine.runner.verify is None:
         engine.runner.enable_verify_graphs(args.k + 1, max(args.batches))
