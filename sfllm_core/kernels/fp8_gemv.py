@@ -12,7 +12,8 @@ a load) and bfloat16 x (16 bytes) get one layout. Each thread sums its runs of 8
 [BLOCK_N, BLOCK_K / 8] accumulator (block scales multiply those runs: 8 divides 128), and the rows
 are reduced across threads once, after the loop. (The first version converted x's layout through
 shared memory and reduced across warps in every chunk: 2-10 bar.sync per 8 KB of weights in the
-sm_90 PTX, ~2 TB/s on the H200.) A per-channel scale applies per row at the end.
+sm_90 PTX, and about 2 TB/s on the H200 as inferred from the batch-1 step.) A per-channel scale
+applies per row at the end.
 
 As kernels/gemv.py, the input can be produced inside the kernel:
 - gated (activation "silu" / "gelu_tanh"): x is [gate | up] and the product uses act(gate) * up;
