@@ -149,4 +149,6 @@ def norm_rope(
     x: torch.Tensor, weight: torch.Tensor, eps: float, gemma: bool, cos_sin: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
     """RoPE(RMSNorm(x)) per head for float32 x [T, H, D]: a new contiguous tensor."""
-    return _module().norm_rope(x, weight, eps, gemma, cos_sin, positions)
+    if x.stride(2) != 1 or x.stride(1) != x.size(2):  # the kernel walks each token's heads as one run
+        x = x.contiguous()
+    return _module().norm_rope(x, weight, eps, gemma, cos_sin, positions.long())
