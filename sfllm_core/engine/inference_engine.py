@@ -97,6 +97,13 @@ class InferenceEngine:
         self.exit_on_rank_failure = False
         self.tp, self._followers = self._init_tensor_parallel(rank_setup, hf_config, path)
         self.model = self._build_model(path)
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            # The CPU kernels build on their first use (~20 s each, once; torch caches them): here,
+            # before the engine says it is ready, rather than inside somebody's first request.
+            from sfllm_core.kernels import cpu_decode_attention, cpu_norm_rope
+
+            cpu_norm_rope.available()
+            cpu_decode_attention.available()
         self.draft_config = None  # an EAGLE-3 head's, read before the pool: its K/V share the budget
         if config.speculative_algorithm == "eagle3":
             from sfllm_core.models.eagle3 import load_eagle3_config
