@@ -4,6 +4,7 @@ import random
 
 import pytest
 import torch
+from same_outputs import assert_same_greedy
 
 from sfllm_core.engine.inference_engine import InferenceEngine
 from sfllm_core.engine.ngram import NgramProposer
@@ -61,12 +62,7 @@ def test_greedy_outputs_are_identical_with_drafts(which, setting, qwen3_path, ge
     prompts = _prompts(plain.vocab_size, [19, 5, 33])
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2)
     want, got = plain.generate(prompts, params), spec.generate(prompts, params)
-    assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    for a, b in zip(got, want):
-        assert len(a.logprobs) == len(b.logprobs) == 24
-        for x, y in zip(a.logprobs, b.logprobs):
-            assert x.token_id == y.token_id and abs(x.logprob - y.logprob) < 1e-4
-            assert [t for t, _ in x.top] == [t for t, _ in y.top]
+    assert_same_greedy(got, want, 24)
     _assert_drafts_were_kept(spec)
     if "num_pages" in setting:
         assert spec.scheduler.num_preemptions > 0
