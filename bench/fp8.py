@@ -276,16 +276,27 @@ def accuracy(name: str, config) -> dict:
 # ---- kernels ----------------------------------------------------------------------------------
 
 
-def _time_us(fn, reps: int = 200) -> float:
-    fn()
+def _time_us(fn, reps: int = 100) -> float:
+    """Microseconds per call of fn, replayed from a CUDA graph of reps calls (as the engine runs them:
+    a Python loop of Triton launches would time the host's launch cost for kernels of a few us)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(reps):
-        fn()
+    for _ in range(3):
+        graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
+    return start.elapsed_time(end) / (3 * reps) * 1e3
 
 
 def _rotating(make, nbytes: int):
@@ -305,15 +316,13 @@ def kernels(config, sweep: bool) -> dict:
     cuBLAS), GB/s of weights from HBM; at 256 and 2048 rows the FP8 GEMMs (activation quantization
     included) against bf16 cuBLAS, TFLOPS."""
     from sfllm_core.kernels.fp8_gemm import fp8_matmul, quantize_rows, triton_fp8_gemm
-    from sfllm_core.kernels.fp8_gemv import fp8_gemv, launch_config
-    from sfllm_core.kernels.gemv import gemv
+    from sfllm_core.kernels.gemv import gemv, launch_config
     from sfllm_core.layers.linear import GEMV_MAX_WEIGHT_BYTES
 
     h, inter = config.hidden_size, config.intermediate_size
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
     shapes = {"qkv": (q + 2 * kv, h), "o": (h, q), "gate_up": (2 * inter, h), "down": (h, inter)}
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = {}
     for label, (n, k) in shapes.items():
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
@@ -326,17 +335,26 @@ def kernels(config, sweep: bool) -> dict:
 
         bf16_us = _time_us(_rotating(bf16_call, n * k * 2))
         row = {"n": n, "k": k, "bf16_us": bf16_us, "bf16_GBps": n * k * 2 / bf16_us / 1e3}
+
+        def bf16_rows_call(n=n, k=k, x=x):  # the bf16 GEMV past the size where the engine hands over to cuBLAS
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+            return lambda: gemv(x, w)
+
+        us = _time_us(_rotating(bf16_rows_call, n * k * 2))
+        row["bf16_rows_us"], row["bf16_rows_GBps"] = us, n * k * 2 / us / 1e3
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         for scheme in SCHEMES:
             fw = Fp8Weight.from_dense(w, scheme)
 
             def fp8_call(scheme=scheme, n=n, k=k, x=x):
                 f = Fp8Weight.from_dense(torch.randn(n, k, device="cuda") * 0.02, scheme)
-                return lambda: fp8_gemv(x, f.weight, f.scale, f.block_n, f.block_k)
+                return lambda: gemv(x, f.weight, scale=f.scale, scale_block_n=f.block_n)
 
             us = _time_us(_rotating(fp8_call, n * k))
             row[f"{scheme}_us"], row[f"{scheme}_GBps"] = us, n * k / us / 1e3
-            row[f"{scheme}_config"] = launch_config(1, n, k, fw.scale.shape[1] > 1, sms)
+            row[f"{scheme}_config"] = launch_config(n, k, 1)
+            if scheme == "channel":
+                row.update(_fused_inputs(label, n, k, x))
             if sweep:
                 row[f"{scheme}_best_us"], row[f"{scheme}_best_config"] = _sweep(fw, x, us, row[f"{scheme}_config"])
             for m in (256, 2048):
@@ -360,20 +378,44 @@ def kernels(config, sweep: bool) -> dict:
     return out
 
 
+def _fused_inputs(label: str, n: int, k: int, x: torch.Tensor) -> dict:
+    """The FP8 GEMV as the model launches it (down after the gate: act(gate) * up made in the kernel;
+    q|k|v and gate|up after a norm: RMSNorm(h + residual) made in it; o as it is), one row block per
+    program (iters 1) against row_iters' choice (the input made once for several)."""
+    from sfllm_core.kernels.gemv import gemv, gemv_normed
+
+    norm_w = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+    gate_up = torch.randn(1, 2 * k, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    out = {}
+    for iters in (1, None):
+
+        def call(n=n, k=k, iters=iters):
+            f = Fp8Weight.from_dense(torch.randn(n, k, device="cuda") * 0.02, "channel")
+            kw = dict(scale=f.scale, scale_block_n=f.block_n, iters=iters)
+            if label == "down":
+                return lambda: gemv(gate_up, f.weight, None, "silu", **kw)
+            if label in ("qkv", "gate_up"):
+                return lambda: gemv_normed(x, f.weight, None, norm_w, 1e-6, False, residual, **kw)
+            return lambda: gemv(x, f.weight, **kw)
+
+        us = _time_us(_rotating(call, n * k))
+        out[f"fused_{'iters1' if iters == 1 else 'auto'}_us"] = us
+        out[f"fused_{'iters1' if iters == 1 else 'auto'}_GBps"] = n * k / us / 1e3
+    return out
+
+
 def _sweep(fw: Fp8Weight, x: torch.Tensor, us: float, config: tuple) -> tuple[float, tuple]:
     """The fastest (BLOCK_N, BLOCK_K, num_warps) for this weight at batch 1, starting from launch_config's."""
-    from sfllm_core.kernels.fp8_gemv import fp8_gemv
+    from sfllm_core.kernels.gemv import gemv
 
     best = (us, config)
-    k = fw.in_features
-    for bn in (2, 4, 8, 16, 32):
-        for bk in (128, 256, 512, 1024, 2048):
-            for warps in (4, 8):
-                if bn * bk > 8192 or bk > max(128, 1 << (k - 1).bit_length()):
-                    continue
-                c = (bn, bk, warps)
-                t = _time_us(lambda c=c: fp8_gemv(x, fw.weight, fw.scale, fw.block_n, fw.block_k, config=c), reps=50)
-                best = min(best, (t, c))
+    bk = config[1]  # whole rows
+    for bn in (1, 2, 4, 8, 16):
+        for warps in (4, 8, 16):
+            c = (bn, bk, warps)
+            t = _time_us(lambda c=c: gemv(x, fw.weight, scale=fw.scale, scale_block_n=fw.block_n, config=c), reps=50)
+            best = min(best, (t, c))
     return best
 
 
@@ -437,10 +479,24 @@ def print_tables(results: dict) -> None:
                 )
     kern = {m: r["kernels"] for m, r in results["models"].items() if "kernels" in r}
     if kern:
-        print("Batch-1 projections, us (GB/s of weights): bf16 as served | fp8 channel | fp8 block")
+        print(
+            "Batch-1 projections from CUDA graphs, us (GB/s of weights): bf16 as served | bf16 GEMV | "
+            "fp8 channel | fp8 block (the same GEMV given scales)"
+        )
         for model, rows in kern.items():
             for label, r in rows.items():
-                cells = " | ".join(f"{r[f'{v}_us']:>7.1f} ({r[f'{v}_GBps']:>5.0f})" for v in ("bf16", *SCHEMES))
+                cells = " | ".join(
+                    f"{r[f'{v}_us']:>7.1f} ({r[f'{v}_GBps']:>5.0f})" for v in ("bf16", "bf16_rows", *SCHEMES)
+                )
+                print(f"{model:<11} | {label:<7} {r['n']:>6}x{r['k']:<6} | {cells}")
+        print(
+            "FP8 channel GEMV as launched (down gated, q|k|v and gate|up normed): one row block a program | row_iters"
+        )
+        for model, rows in kern.items():
+            for label, r in rows.items():
+                cells = " | ".join(
+                    f"{r[f'fused_{v}_us']:>7.1f} ({r[f'fused_{v}_GBps']:>5.0f})" for v in ("iters1", "auto")
+                )
                 print(f"{model:<11} | {label:<7} {r['n']:>6}x{r['k']:<6} | {cells}")
         print("GEMM TFLOPS at 256 and 2048 rows: bf16 cuBLAS | fp8 channel | fp8 block (as served) | Triton block")
         for model, rows in kern.items():

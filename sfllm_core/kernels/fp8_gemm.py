@@ -74,7 +74,7 @@ def quantize_rows(x: torch.Tensor, grouped: bool, activation: str | None = None)
 
     With activation "silu" / "gelu_tanh", x is [M, 2K] laid out [gate | up] and act(gate) * up is quantized.
     """
-    from sfllm_core.kernels.fp8_gemv import ACTIVATIONS
+    from sfllm_core.kernels.gemv import ACTIVATIONS
 
     m, width = x.shape
     k = width if activation is None else width // 2

@@ -26,12 +26,82 @@ _TILE = 8192
 MAX_ROWS = 8
 
 ACTIVATIONS = {None: 0, "silu": 1, "gelu_tanh": 2}
+_num_sms: dict[int, int] = {}
+
+
+@triton.jit
+def _load_rows(W, Scale, rows_w, offs_k, N, stride_w, stride_s, K, SCALE, SCALE_BN, BLOCK_K):
+    """A tile of whole weight rows and, for FP8 weights (w = q * scale), their scales: one per row
+    block, applied to the row sums, or one per row block and 128 columns, applied to each run's sum."""
+    w = tl.load(
+        W + rows_w[:, None].to(tl.int64) * stride_w + offs_k[None, :],
+        mask=(rows_w[:, None] < N) & (offs_k[None, :] < K),
+        other=0.0,
+    )
+    s = 1.0
+    if SCALE == 1:
+        s = tl.load(Scale + (rows_w // SCALE_BN) * stride_s, mask=rows_w < N, other=0.0)
+    if SCALE == 2:
+        runs = tl.arange(0, BLOCK_K // 128)
+        s = tl.load(
+            Scale + (rows_w // SCALE_BN)[:, None] * stride_s + runs[None, :],
+            mask=(rows_w[:, None] < N) & (runs[None, :] * 128 < K),
+            other=0.0,
+        )
+    return w, s
+
+
+@triton.jit
+def _input_row(
+    X, Residual, ResidualOut, m, offs_k, norm_w, x_norm_w, stride_xm, stride_rm, stride_rom, eps, x_eps, first,
+    K, ACT, NORM, HAS_RESIDUAL, NORM_X, GEMMA, dtype,
+):  # fmt: skip
+    """Row m of the GEMV's input in float32: x as it is, act(gate) * up, or RMSNorm(h + residual) (the
+    program holding row 0 of the weight also writes the new residual stream)."""
+    k_mask = offs_k < K
+    x_row = X + m * stride_xm
+    if NORM:
+        r = tl.load(Residual + m * stride_rm + offs_k, mask=k_mask, other=0.0)
+        h = tl.load(x_row + offs_k, mask=k_mask, other=0.0)
+        x, new_residual = add_norm_row(h, r, norm_w, x_norm_w, eps, x_eps, K, dtype, HAS_RESIDUAL, NORM_X, GEMMA)
+        if HAS_RESIDUAL:
+            if first:
+                tl.store(ResidualOut + m * stride_rom + offs_k, new_residual, mask=k_mask)
+        x = x.to(tl.float32)
+    elif ACT == 0:
+        x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+    else:
+        gate = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        up = tl.load(x_row + K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        if ACT == 1:
+            act = gate * tl.sigmoid(gate)
+        else:
+            # 0.5 * (1 + tanh(z)) == sigmoid(2z): GELU's tanh form without a tanh primitive.
+            act = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
+        x = (act.to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_rows(
+    Out, Bias, w, s, x, m, rows_w, N, stride_om, SCALE, HAS_BIAS, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype
+):
+    if SCALE == 2:
+        out = tl.sum(tl.sum(tl.reshape(w * x[None, :], [BLOCK_N, BLOCK_K // 128, 128]), axis=2) * s, axis=1)
+    else:
+        out = tl.sum(w * x[None, :], axis=1)
+    if SCALE == 1:
+        out = out * s
+    if HAS_BIAS:
+        out += tl.load(Bias + rows_w, mask=rows_w < N, other=0.0).to(tl.float32)
+    tl.store(Out + m * stride_om + rows_w, out.to(dtype), mask=rows_w < N)
 
 
 @triton.jit
 def _gemv_kernel(
     X,
     W,
+    Scale,
     Bias,
     Out,
     Residual,
@@ -47,7 +117,10 @@ def _gemv_kernel(
     stride_rom,
     eps,
     x_eps,
+    stride_s,
     K: tl.constexpr,
+    SCALE: tl.constexpr,
+    SCALE_BN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
     NORM: tl.constexpr,
@@ -56,68 +129,96 @@ def _gemv_kernel(
     GEMMA: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROW_ITERS: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows_w = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    first_row = pid * ROW_ITERS * BLOCK_N
+    rows_w = first_row + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_mask = offs_k < K
     # Weights are never written during a step: stream them in before waiting on the producer of x.
-    w = tl.load(
-        W + rows_w[:, None].to(tl.int64) * stride_w + offs_k[None, :],
-        mask=(rows_w[:, None] < N) & k_mask[None, :],
-        other=0.0,
-    )
+    w, s = _load_rows(W, Scale, rows_w, offs_k, N, stride_w, stride_s, K, SCALE, SCALE_BN, BLOCK_K)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     dtype = Out.dtype.element_ty
-    w = w.to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(Bias + rows_w, mask=rows_w < N, other=0.0).to(tl.float32)
+    norm_w = 0.0
+    x_norm_w = 0.0
     if NORM:
         norm_w = tl.load(NormWeight + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         if NORM_X:
             x_norm_w = tl.load(XNormWeight + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         else:
             x_norm_w = norm_w
-    for m in range(M):
-        x_row = X + m * stride_xm
-        if NORM:
-            r = tl.load(Residual + m * stride_rm + offs_k, mask=k_mask, other=0.0)
-            h = tl.load(x_row + offs_k, mask=k_mask, other=0.0)
-            x, new_residual = add_norm_row(h, r, norm_w, x_norm_w, eps, x_eps, K, dtype, HAS_RESIDUAL, NORM_X, GEMMA)
-            if HAS_RESIDUAL:
-                if pid == 0:
-                    tl.store(ResidualOut + m * stride_rom + offs_k, new_residual, mask=k_mask)
-            x = x.to(tl.float32)
-        elif ACT == 0:
-            x = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-        else:
-            gate = tl.load(x_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            up = tl.load(x_row + K + offs_k, mask=k_mask, other=0.0).to(tl.float32)
-            if ACT == 1:
-                act = gate * tl.sigmoid(gate)
-            else:
-                # 0.5 * (1 + tanh(z)) == sigmoid(2z): GELU's tanh form without a tanh primitive.
-                act = gate * tl.sigmoid(1.5957691216057308 * (gate + 0.044715 * gate * gate * gate))
-            x = (act.to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
-        out = tl.sum(w * x[None, :], axis=1)
-        if HAS_BIAS:
-            out += bias
-        tl.store(Out + m * stride_om + rows_w, out.to(dtype), mask=rows_w < N)
+    if ROW_ITERS == 1:
+        w = w.to(tl.float32)
+        for m in range(M):
+            x = _input_row(
+                X, Residual, ResidualOut, m, offs_k, norm_w, x_norm_w, stride_xm, stride_rm, stride_rom, eps,
+                x_eps, pid == 0, K, ACT, NORM, HAS_RESIDUAL, NORM_X, GEMMA, dtype,
+            )  # fmt: skip
+            _store_rows(Out, Bias, w, s, x, m, rows_w, N, stride_om, SCALE, HAS_BIAS, BLOCK_N, BLOCK_K, dtype)
+    else:
+        # One row of x (M == 1): its input (a norm, an activation) is made once for ROW_ITERS row
+        # blocks, not once per block: for a gated or normed input that is wider than the weight rows
+        # a program holds, making it per block read more from L2 than the weights from HBM.
+        x = _input_row(
+            X, Residual, ResidualOut, 0, offs_k, norm_w, x_norm_w, stride_xm, stride_rm, stride_rom, eps,
+            x_eps, pid == 0, K, ACT, NORM, HAS_RESIDUAL, NORM_X, GEMMA, dtype,
+        )  # fmt: skip
+        for i in tl.static_range(ROW_ITERS):
+            if i > 0:
+                rows_w = first_row + i * BLOCK_N + tl.arange(0, BLOCK_N)
+                w, s = _load_rows(W, Scale, rows_w, offs_k, N, stride_w, stride_s, K, SCALE, SCALE_BN, BLOCK_K)
+            _store_rows(
+                Out, Bias, w.to(tl.float32), s, x, 0, rows_w, N, stride_om, SCALE, HAS_BIAS, BLOCK_N, BLOCK_K, dtype
+            )
 
 
-def _launch(x, weight, bias, out, activation, residual, norm_weight, x_norm_weight, residual_out, eps, x_eps, gemma):
+def launch_config(n: int, k: int, element_size: int, tile: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps): whole rows, as many as fill `tile` elements (default: _TILE for
+    16-bit weights, twice that for FP8, so a program holds 16 KB either way)."""
+    tile = tile or _TILE * max(1, 2 // element_size)
+    block_k = triton.next_power_of_2(k)
+    block_n = max(1, min(tile // block_k, 16))
+    num_warps = 4 if block_n * block_k <= _TILE else 8
+    return block_n, block_k, num_warps
+
+
+def row_iters(num_rows: int, num_blocks: int, sms: int) -> int:
+    """Row blocks per program: with one row of x, as many (up to 8) as leave two programs per SM,
+    so a program makes its input (read from L2, normed or gated in registers) once for all of them."""
+    if num_rows != 1:
+        return 1
+    return next((r for r in (8, 4, 2) if num_blocks // r >= 2 * sms), 1)
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: any small grid
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _num_sms:
+        _num_sms[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _num_sms[index]
+
+
+def _launch(
+    x, weight, bias, out, activation, residual, norm_weight, x_norm_weight, residual_out, eps, x_eps, gemma,
+    scale=None, scale_block_n=1, config=None, iters=None,
+):  # fmt: skip
     num_rows = x.shape[0]
     n, k = weight.shape
-    block_k = triton.next_power_of_2(k)
-    block_n = max(1, min(_TILE // block_k, 16))
-    num_warps = 4 if block_n * block_k <= _TILE else 8
+    block_n, block_k, num_warps = config or launch_config(n, k, weight.element_size())
+    blocks = triton.cdiv(n, block_n)
+    iters = iters or row_iters(num_rows, blocks, _sm_count(x.device))
+    assert iters == 1 or num_rows == 1, "row blocks share a program only for one row of x"
     normed = norm_weight is not None
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    scale_mode = 0 if scale is None else (1 if scale.shape[1] == 1 else 2)
+    _gemv_kernel[(triton.cdiv(blocks, iters),)](
         x,
         weight,
+        weight if scale is None else scale,
         weight if bias is None else bias,
         out,
         x if residual is None else residual,
@@ -133,7 +234,10 @@ def _launch(x, weight, bias, out, activation, residual, norm_weight, x_norm_weig
         0 if residual_out is None else residual_out.stride(0),
         eps,
         x_eps,
+        0 if scale is None else scale.stride(0),
         K=k,
+        SCALE=scale_mode,
+        SCALE_BN=scale_block_n,
         HAS_BIAS=bias is not None,
         ACT=ACTIVATIONS[activation],
         NORM=normed,
@@ -142,6 +246,7 @@ def _launch(x, weight, bias, out, activation, residual, norm_weight, x_norm_weig
         GEMMA=gemma,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        ROW_ITERS=iters,
         num_warps=num_warps,
         **pdl_launch(x.device),
     )
@@ -155,18 +260,43 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wid
     assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
 
 
+def _check_scale(weight: torch.Tensor, scale: torch.Tensor | None, block_n: int) -> None:
+    if scale is None:
+        return
+    n, k = weight.shape
+    assert weight.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32 and scale.stride(1) == 1
+    assert scale.shape in ((triton.cdiv(n, block_n), 1), (triton.cdiv(n, block_n), triton.cdiv(k, 128))), (
+        "scales are one per row block, or one per row block and 128 columns"
+    )
+
+
 def gemv(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, activation: str | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+    *,
+    scale: torch.Tensor | None = None,
+    scale_block_n: int = 1,
+    config: tuple[int, int, int] | None = None,
+    iters: int | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T + bias for small M (at most 8), into a new [M, N] tensor.
 
     With activation "silu" or "gelu_tanh", x is [M, 2K] laid out [gate | up] and the product
     uses act(gate) * up in its place, so the activation costs no launch of its own.
+    An FP8 weight (float8_e4m3fn) comes with float32 `scale`s of blocks of scale_block_n rows and
+    all columns ([ceil(N / scale_block_n), 1]) or 128 columns ([.., ceil(K / 128)]): layers/fp8.py's
+    layouts. config (BLOCK_N, BLOCK_K, num_warps) and iters (row blocks per program) replace
+    `launch_config`'s and `row_iters`' choices (benchmarks).
     """
     k = weight.shape[1]
     _check(x, weight, bias, k if activation is None else 2 * k)
+    _check_scale(weight, scale, scale_block_n)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
-    _launch(x, weight, bias, out, activation, None, None, None, None, 0.0, 0.0, False)
+    _launch(
+        x, weight, bias, out, activation, None, None, None, None, 0.0, 0.0, False, scale, scale_block_n, config, iters
+    )  # fmt: skip
     return out
 
 
@@ -180,18 +310,27 @@ def gemv_normed(
     residual: torch.Tensor | None = None,
     x_norm_weight: torch.Tensor | None = None,
     x_eps: float = 0.0,
+    *,
+    scale: torch.Tensor | None = None,
+    scale_block_n: int = 1,
+    iters: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(h + residual) @ weight.T + bias, h + residual): the norm of kernels/rmsnorm.py, fused.
 
     Without residual the norm applies to h alone and h is returned as the residual stream; with
-    x_norm_weight, h is first normalised by it (Gemma's sandwich norms), as in `rmsnorm`.
+    x_norm_weight, h is first normalised by it (Gemma's sandwich norms), as in `rmsnorm`. FP8
+    weights come with `scale` as in `gemv`.
     """
     k = weight.shape[1]
     _check(h, weight, bias, k)
+    _check_scale(weight, scale, scale_block_n)
     assert norm_weight.shape == (k,) and norm_weight.is_contiguous()
     assert residual is None or (residual.shape == h.shape and residual.stride(1) == 1)
     assert x_norm_weight is None or (residual is not None and x_norm_weight.is_contiguous())
     out = torch.empty(h.shape[0], weight.shape[0], dtype=h.dtype, device=h.device)
     residual_out = None if residual is None else torch.empty_like(residual)
-    _launch(h, weight, bias, out, None, residual, norm_weight, x_norm_weight, residual_out, eps, x_eps, gemma)
+    _launch(
+        h, weight, bias, out, None, residual, norm_weight, x_norm_weight, residual_out, eps, x_eps, gemma,
+        scale, scale_block_n, None, iters,
+    )  # fmt: skip
     return out, (h if residual is None else residual_out)

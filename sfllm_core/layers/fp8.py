@@ -6,8 +6,9 @@ w[n, k] = q[n, k] * scale[n // block_n, k // block_k]. The three layouts in use:
 - blocks spread over rows: block_n 1, block_k 128, which is what 128x128 blocks of parts whose row
   counts are not multiples of 128 become when merged (q|k|v of a small model), exactly.
 
-On CUDA a forward of up to FP8_GEMV_MAX_ROWS rows runs kernels/fp8_gemv.py (weights read as fp8,
-activations kept in bfloat16, the norm or the activation before it fused in); larger ones quantize
+On CUDA a forward of up to FP8_GEMV_MAX_ROWS rows runs the bf16 path's GEMV, kernels/gemv.py, given
+the scales (weights read as fp8, activations kept in bfloat16, the norm or the activation before it
+fused in); larger ones quantize
 their activations per token (or per token and 128 columns) and run an FP8 GEMM
 (kernels/fp8_gemm.py: torch._scaled_mm, or Triton). Elsewhere the weight is dequantized and the
 matmul runs in the activation's dtype: slow, but exact to the stored weights (the tests' reference).
@@ -123,13 +124,16 @@ class Fp8Weight(QuantizedWeight):
     def _gemv_fits(self, x: torch.Tensor) -> bool:
         return x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= FP8_GEMV_MAX_ROWS
 
+    def _gemv(self, x: torch.Tensor, bias: torch.Tensor | None = None, kind: str | None = None) -> torch.Tensor:
+        from sfllm_core.kernels.gemv import gemv
+
+        return gemv(x, self.weight, bias, kind, scale=self.scale, scale_block_n=self.block_n)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_cuda:
             return F.linear(x, self.dequantize(x.dtype))
         if self._gemv_fits(x):
-            from sfllm_core.kernels.fp8_gemv import fp8_gemv
-
-            return fp8_gemv(x, self.weight, self.scale, self.block_n, self.block_k)
+            return self._gemv(x)
         from sfllm_core.kernels.fp8_gemm import fp8_matmul
 
         lead = x.shape[:-1]
@@ -145,13 +149,15 @@ class Fp8Weight(QuantizedWeight):
         h_norm: nn.Module | None,
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(self(norm(h + residual)), h + residual) with the norm inside the GEMV; None where it does not apply."""
-        if not self._gemv_fits(h) or h_norm is not None:
+        if not self._gemv_fits(h) or (h_norm is not None and (residual is None or h_norm.gemma != norm.gemma)):
             return None
-        from sfllm_core.kernels.fp8_gemv import fp8_gemv_normed
+        from sfllm_core.kernels.gemv import gemv_normed
 
-        return fp8_gemv_normed(
-            h, self.weight, self.scale, self.block_n, self.block_k, bias, norm.weight, norm.eps, norm.gemma, residual
-        )
+        return gemv_normed(
+            h, self.weight, bias, norm.weight, norm.eps, norm.gemma, residual,
+            None if h_norm is None else h_norm.weight, 0.0 if h_norm is None else h_norm.eps,
+            scale=self.scale, scale_block_n=self.block_n,
+        )  # fmt: skip
 
     def gated(self, gate_up: torch.Tensor, bias: torch.Tensor | None, kind: str) -> torch.Tensor | None:
         """self(act(gate) * up) with the activation inside the GEMV, or inside the activations' quantization
@@ -159,9 +165,7 @@ class Fp8Weight(QuantizedWeight):
         if not gate_up.is_cuda or gate_up.dim() != 2:
             return None
         if self._gemv_fits(gate_up):
-            from sfllm_core.kernels.fp8_gemv import fp8_gemv
-
-            return fp8_gemv(gate_up, self.weight, self.scale, self.block_n, self.block_k, bias, kind)
+            return self._gemv(gate_up, bias, kind)
         from sfllm_core.kernels.fp8_gemm import fp8_matmul
 
         return fp8_matmul(gate_up, self.weight, self.scale, self.block_n, self.block_k, bias, kind)

@@ -1,18 +1,31 @@
-"""The FP8 GEMV equals a float32 matmul by the dequantized weight: plain, gated, and with the norm fused in."""
-
-import math
+"""The GEMV given FP8 weights and their scales (kernels/gemv.py) equals a float32 matmul by the
+dequantized weight: plain, gated, and with the norm fused in."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from sfllm_core.kernels.fp8_gemv import fp8_gemv, fp8_gemv_normed, launch_config
+from sfllm_core.kernels.gemv import gemv, gemv_normed, launch_config, row_iters
 from sfllm_core.layers.activation import GeluTanhAndMul, SiluAndMul
 from sfllm_core.layers.fp8 import Fp8Weight
 from sfllm_core.layers.norms import GemmaRMSNorm, RMSNorm
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 ACTS = {None: None, "silu": SiluAndMul, "gelu_tanh": GeluTanhAndMul}
+
+
+def _gemv(x, fw, bias=None, activation=None, iters=None):
+    device = x.device
+    bias = None if bias is None else bias.to(device)
+    weight, scale = fw.weight.to(device), fw.scale.to(device)
+    return gemv(x, weight, bias, activation, scale=scale, scale_block_n=fw.block_n, iters=iters)
+
+
+def _gemv_normed(h, fw, norm_weight, eps, gemma, residual, iters=None):
+    weight, scale = fw.weight.to(h.device), fw.scale.to(h.device)
+    return gemv_normed(
+        h, weight, None, norm_weight, eps, gemma, residual, scale=scale, scale_block_n=fw.block_n, iters=iters
+    )
 
 
 def _padded(rows: int, width: int, gen: torch.Generator, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -30,15 +43,7 @@ def _check(rows, n, k, scheme, activation, with_bias, dtype, atol, device, seed)
     bias = torch.randn(n, generator=gen).to(dtype) if with_bias else None
     inputs = x if activation is None else ACTS[activation]()(x)
     expected = F.linear(inputs.float(), fw.dequantize(), None if bias is None else bias.float())
-    out = fp8_gemv(
-        x.to(device),
-        fw.weight.to(device),
-        fw.scale.to(device),
-        fw.block_n,
-        fw.block_k,
-        None if bias is None else bias.to(device),
-        activation,
-    )
+    out = _gemv(x.to(device), fw, bias, activation)
     assert out.shape == (rows, n) and out.dtype == dtype
     torch.testing.assert_close(out.cpu().float(), expected, atol=atol, rtol=0)
 
@@ -66,7 +71,7 @@ def test_fp8_gemv_reads_merged_row_spread_scales(device):
     merged = Fp8Weight.concat(parts)
     assert merged.block_n == 1 and merged.scale.shape == (128, 2)
     x = torch.randn(2, 256, generator=gen)
-    out = fp8_gemv(x.to(device), merged.weight.to(device), merged.scale.to(device), merged.block_n, merged.block_k)
+    out = _gemv(x.to(device), merged)
     torch.testing.assert_close(out.cpu(), x @ merged.dequantize().t(), atol=1e-4, rtol=0)
 
 
@@ -91,13 +96,9 @@ def test_fp8_gemv_normed_matches_norm_then_matmul(device, rows, n, k, scheme, ge
         x, expected_residual = norm(h), h
     else:
         x, expected_residual = norm.add_norm(h, residual)
-    out, new_residual = fp8_gemv_normed(
+    out, new_residual = _gemv_normed(
         h.to(device),
-        fw.weight.to(device),
-        fw.scale.to(device),
-        fw.block_n,
-        fw.block_k,
-        None,
+        fw,
         norm.weight.detach().to(device),
         norm.eps,
         gemma,
@@ -107,19 +108,40 @@ def test_fp8_gemv_normed_matches_norm_then_matmul(device, rows, n, k, scheme, ge
     torch.testing.assert_close(new_residual.cpu(), expected_residual, atol=0, rtol=0)
 
 
-def test_launch_config_fills_the_gpu_and_keeps_block_scales_whole():
-    # Qwen3-8B's projections on 132 SMs: at least two programs per SM, tiles of whole 128-column blocks,
-    # and waves of two programs per SM that leave at most a tenth of the slots idle (q|k|v's 6144 rows
-    # in 16-row blocks would leave a quarter).
+@pytest.mark.parametrize("scheme", ["channel", "block"])
+@pytest.mark.parametrize("iters", [2, 3])
+def test_row_blocks_sharing_a_program_make_the_input_once(device, scheme, iters):
+    # One row of x, several row blocks per program (the last program's blocks past N): plain, gated, normed.
+    gen = torch.Generator().manual_seed(iters)
+    n, k = 300, 256  # 16-row blocks (fp8, 16 KB): 19 blocks, so 7 or 10 programs, the last part-empty
+    fw = Fp8Weight.from_dense(torch.randn(n, k, generator=gen) / k**0.5, scheme)
+    x = _padded(1, 2 * k, gen, torch.float32)
+    torch.testing.assert_close(_gemv(x[:, :k].to(device), fw, iters=iters).cpu(), x[:, :k] @ fw.dequantize().t())
+    gated = _gemv(x.to(device), fw, None, "silu", iters=iters).cpu()
+    torch.testing.assert_close(gated, SiluAndMul()(x) @ fw.dequantize().t(), atol=1e-4, rtol=0)
+    norm = RMSNorm(k, 1e-6)
+    h, residual = x[:, :k].contiguous(), x[:, k:].contiguous()
+    want, want_residual = norm.add_norm(h, residual)
+    out, new_residual = _gemv_normed(
+        h.to(device), fw, norm.weight.detach().to(device), 1e-6, False, residual.to(device), iters
+    )
+    torch.testing.assert_close(out.cpu(), want @ fw.dequantize().t(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(new_residual.cpu(), want_residual, atol=0, rtol=0)
+
+
+def test_launch_config_holds_whole_rows_in_16_kb():
+    # Qwen3-8B's projections: a program holds whole rows (block scales of 128 columns stay whole),
+    # 16 KB of weights whether they are bf16 or fp8, and 8 warps once that is over 8192 elements.
     for n, k in [(6144, 4096), (4096, 4096), (24576, 4096), (4096, 12288), (151936, 4096), (1024, 2048)]:
-        for blockwise in (False, True):
-            block_n, block_k, _ = launch_config(1, n, k, blockwise, 132)
-            programs = -(-n // block_n)
-            assert programs >= 2 * 132 or block_n == 1
-            waves = programs / (2 * 132)
-            assert waves / math.ceil(waves) >= 0.9, (n, k, block_n)
-            assert not blockwise or block_k % 128 == 0
-            assert block_n * block_k <= 8192 and block_k % 8 == 0
+        for size in (1, 2):
+            block_n, block_k, warps = launch_config(n, k, size)
+            assert block_k >= k and block_k & (block_k - 1) == 0 and block_k % 128 == 0
+            assert block_n * block_k * size <= 16384 or block_n == 1
+            assert warps == (8 if block_n * block_k > 8192 else 4)
+    assert launch_config(6144, 4096, 1)[0] == 2 * launch_config(6144, 4096, 2)[0]
+    # One row of x on 132 SMs: up to 8 row blocks a program while two programs per SM remain.
+    assert row_iters(1, 4096, 132) == 8 and row_iters(1, 1536, 132) == 4 and row_iters(1, 256, 132) == 1
+    assert row_iters(2, 4096, 132) == 1
 
 
 @pytest.mark.gpu
