@@ -30,6 +30,7 @@ Usage:
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from sfllm_core.config import EngineConfig
 from sfllm_core.engine.inference_engine import InferenceEngine
 from sfllm_core.models.loader import resolve_model_path
 from sfllm_core.sampling_params import SamplingParams
@@ -89,6 +91,18 @@ def time_engine(engine: InferenceEngine, prompts: list[list[int]], batch: int, n
         outputs += engine.generate(group, full)
         decode_s += time.perf_counter() - start - prefill
     return len(prompts) * (new - 1) / decode_s, [o.token_ids for o in outputs]
+
+
+def parting(engine: InferenceEngine, prompts: list[list[int]], want: list, got: list) -> dict:
+    """Where the first differing output parts from the plain run's, and that run's top-2 logprob margin
+    there (from the prompt alone, at batch 1: a near tie reads as rounding, not a wrong draft rule)."""
+    i = next(j for j, (w, g) in enumerate(zip(want, got)) if w != g)
+    at = next(p for p, (w, g) in enumerate(zip(want[i], got[i])) if w != g)
+    params = SamplingParams(max_tokens=at + 1, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2)
+    alone = engine.generate([prompts[i]], params)[0]
+    (_, first), (_, second) = alone.logprobs[at].top[:2]
+    differing = sum(w != g for w, g in zip(want, got))
+    return dict(sequences=differing, token=at, margin=first - second, alone_agrees=alone.token_ids[:at] == want[i][:at])
 
 
 def time_transformers(model, prompts: list[list[int]], new: int, lookup: int, device: str) -> tuple[float, list]:
@@ -312,9 +326,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--batches", type=int, nargs="+", default=[1])
-    parser.add_argument("--k", type=int, default=4, help="draft tokens per step")
+    parser.add_argument(
+        "--k", type=int, default=None, help="drafts per step (default 8 for n-gram, 4 for --eagle3-cost)"
+    )
     parser.add_argument("--ngram-max", type=int, default=4)
     parser.add_argument("--ngram-min", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes of each row, interleaved (medians)")
     parser.add_argument("--workloads", nargs="+", default=["copy", "random"])
     parser.add_argument("--no-peer", action="store_true", help="skip transformers")
     parser.add_argument("--speculative-max-batch", type=int, default=None, help="default: the largest batch")
@@ -328,6 +345,8 @@ def main() -> None:
     parser.add_argument("--acceptance-lengths", type=float, nargs="+", default=list(PUBLISHED_ACCEPTANCE))
     args = parser.parse_args()
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    if args.k is None:
+        args.k = 4 if args.eagle3_cost else EngineConfig(speculative_algorithm="ngram").num_speculative_tokens
     if args.eagle3_cost:
         eagle3_cost(args, dtype)
         return
@@ -365,10 +384,15 @@ def main() -> None:
                 prompts = copy_prompts(plain, count)
             else:  # as long as the copy prompts
                 prompts = random_prompts(plain.vocab_size, count, len(copy_prompts(plain, 1)[0]))
-            ours, want = time_engine(plain, prompts, batch, args.new_tokens)
             before = (spec.proposer.num_draft_tokens, spec.proposer.num_accepted_tokens, spec.proposer.num_proposals)
             aside = spec.gate.num_steps_aside if spec.gate is not None else 0
-            fast, got = time_engine(spec, prompts, batch, args.new_tokens)
+            plain_rates, spec_rates = [], []
+            for _ in range(args.repeats):  # interleaved, medians: a batch-64 pass is a fraction of a second
+                rate, want = time_engine(plain, prompts, batch, args.new_tokens)
+                plain_rates.append(rate)
+                rate, got = time_engine(spec, prompts, batch, args.new_tokens)
+                spec_rates.append(rate)
+            ours, fast = statistics.median(plain_rates), statistics.median(spec_rates)
             drafted, accepted, verified = (
                 now - was
                 for now, was in zip(
@@ -387,9 +411,14 @@ def main() -> None:
                 acceptance_rate=accepted / drafted if drafted else 0.0,
                 tokens_per_verify=1 + accepted / verified if verified else 0.0,
                 identical=got == want,
+                parting=None if got == want else parting(plain, prompts, want, got),
                 # Steps in which the gate kept drafts back (speculation measured slower at that batch size).
                 steps_aside=(spec.gate.num_steps_aside if spec.gate is not None else 0) - aside,
             )
+            if spec.gate is not None:  # what the gate measured at this batch size: ms per token, each mode
+                for mode, speculating in (("gate_spec_ms", True), ("gate_plain_ms", False)):
+                    cost = spec.gate.cost(batch, speculating)
+                    row[mode] = None if cost is None else 1e3 * cost
             if peer is not None and batch == 1:
                 theirs, _ = time_transformers(peer, prompts, args.new_tokens, 0, args.device)
                 theirs_lookup, _ = time_transformers(peer, prompts, args.new_tokens, args.k, args.device)
@@ -403,7 +432,7 @@ def main() -> None:
     )
     head = (
         f"{'workload':>8} | {'batch':>5} | {'sfllm tok/s':>11} | {'+ngram tok/s':>12} | {'speedup':>7} | "
-        f"{'accepted':>8} | {'tok/verify':>10} | {'aside':>5} | {'same':>4} | "
+        f"{'accepted':>8} | {'tok/verify':>10} | {'aside':>5} | {'gate us/tok spec/plain':>22} | {'same':>4} | "
         f"{'hf tok/s':>8} | {'hf+lookup':>9} | {'hf speedup':>10}"
     )
     print(head)
@@ -413,12 +442,21 @@ def main() -> None:
             if "hf_tok_s" in r
             else f"{'-':>8} | {'-':>9} | {'-':>10}"
         )
+        gate = "/".join("-" if r.get(k) is None else f"{1e3 * r[k]:.1f}" for k in ("gate_spec_ms", "gate_plain_ms"))
         print(
             f"{r['workload']:>8} | {r['batch']:>5} | {r['sfllm_tok_s']:>11.1f} | {r['sfllm_ngram_tok_s']:>12.1f} | "
             f"{r['speedup']:>6.2f}x | {r['acceptance_rate']:>7.0%} | {r['tokens_per_verify']:>10.2f} | "
-            f"{r['steps_aside']:>5} | "
+            f"{r['steps_aside']:>5} | {gate:>22} | "
             f"{'yes' if r['identical'] else 'NO':>4} | {hf}"
         )
+    for r in rows:
+        if r["parting"]:
+            p = r["parting"]
+            print(
+                f"{r['workload']} batch {r['batch']}: {p['sequences']} outputs differ; the first parts at token "
+                f"{p['token']}, where plain decoding's top two are {p['margin']:.3f} apart in logprob"
+                + ("" if p["alone_agrees"] else " (the batch-1 rerun had parted earlier)")
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

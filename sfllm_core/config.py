@@ -65,7 +65,9 @@ class EngineConfig:
     # EAGLE-3 draft head, speculative_draft_model, reading the target's hidden states; chain drafts).
     speculative_algorithm: str | None = None
     speculative_draft_model: str | None = None  # the EAGLE-3 head's checkpoint folder (random with load_format dummy)
-    num_speculative_tokens: int = 4  # drafts per sequence and step at most
+    # Drafts per sequence and step at most; None: 8 for ngram (copy-heavy Gemma 270M on the H200: batch 1
+    # 1.62x with 4, 2.55x with 8, docs/PERFORMANCE.md), 4 for eagle3 (each draft is a pass of the head).
+    num_speculative_tokens: int | None = None
     ngram_max: int = 4
     ngram_min: int = 2
     # Speculation stands aside in steps with more decoding sequences than this: a large batch is
@@ -74,6 +76,10 @@ class EngineConfig:
     # n-gram speculation also stands aside at a batch size where it measured slower per token than
     # plain decoding (engine/speculative.py, SpeculationGate); off: it runs wherever drafts are found.
     speculative_adaptive: bool = True
+
+    def __post_init__(self) -> None:
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = 8 if self.speculative_algorithm == "ngram" else 4
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":

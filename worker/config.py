@@ -45,7 +45,7 @@ class WorkerConfig:
     seed: int = 0
     speculative_algorithm: str | None = None  # "ngram": prompt-lookup drafts, verified in one step (off by default)
     speculative_draft_model: str | None = None  # "eagle3": the EAGLE-3 head's checkpoint folder
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int | None = None  # None: the engine's default (8 for ngram, 4 for eagle3)
     ngram_max: int = 4
     ngram_min: int = 2
     speculative_max_batch: int = 32  # speculation stands aside in steps with more decoding sequences
@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
         "--speculative-draft-model", help="the EAGLE-3 draft head's checkpoint folder (SGLang / vLLM format)"
     )
     p.add_argument(
-        "--num-speculative-tokens", type=int, help=f"drafts per sequence and step (default {d.num_speculative_tokens})"
+        "--num-speculative-tokens", type=int, help="drafts per sequence and step (default 8 for ngram, 4 for eagle3)"
     )
     p.add_argument("--ngram-max", type=int, help=f"longest suffix n-gram looked up (default {d.ngram_max})")
     p.add_argument("--ngram-min", type=int, help=f"shortest suffix n-gram looked up (default {d.ngram_min})")

@@ -151,9 +151,13 @@ class SpeculationGate:
     """Whether a step may speculate, from what tokens have cost with and without it at this batch size.
 
     Steps run in stretches of one mode (drafts allowed or not) per batch size, rounded up to a power
-    of two. Each step is timed from its start to the next one's, with the tokens it emitted; a
-    stretch's steps but the first (which pays for the mode before it: an overlapped decode is read a
-    step late) go into that mode's running cost per token. Once both modes are measured the cheaper
+    of two. Each step is timed from its start to the next one's, with the tokens it emitted; every
+    step of a stretch counts, the first too: a speculative stretch's first step pays for bringing
+    the n-gram index up to date with what the plain steps produced, a cost of speculating (an
+    overlapped decode's tokens are read a step late, so each boundary moves one step's tokens and
+    time across, both ways). A mode's cost per token is its decayed seconds over its decayed tokens
+    (each stretch's sums weigh DECAY of the last), steadier than a mean of stretch ratios, which a
+    stretch cut short by finishing sequences could swing. Once both modes are measured the cheaper
     one runs, and the other gets a stretch now and then to follow changes in acceptance: after 2
     stretches, then after twice as many each time it loses again (up to MAX_GAP), back to 2 when it
     wins. So speculation stands aside where the batch is large or drafts are poor, by measurement;
@@ -161,11 +165,11 @@ class SpeculationGate:
     """
 
     STRETCH = 4  # steps per stretch
-    ALPHA = 0.5  # weight of the latest stretch in the running cost
+    DECAY = 0.75  # weight of a mode's earlier sums against its latest stretch's
     MAX_GAP = 32  # most stretches between two tries of the losing mode
 
     def __init__(self) -> None:
-        self._cost: dict[tuple[int, bool], float] = {}  # (bucket, speculating): seconds per token
+        self._sums: dict[tuple[int, bool], tuple[float, float]] = {}  # (bucket, speculating): seconds, tokens
         self._state: dict[int, _GateState] = {}
         self._open: tuple[float, int, bool] | None = None  # the step being timed: start, bucket, counted
         self._previous: int | None = None  # the bucket of the step before, if it was timed
@@ -177,7 +181,11 @@ class SpeculationGate:
 
     def cost(self, num_decoding: int, speculating: bool) -> float | None:
         """Measured seconds per token at this batch size in this mode (None until a stretch ends)."""
-        return self._cost.get((self.bucket(num_decoding), speculating))
+        return self._mode_cost(self.bucket(num_decoding), speculating)
+
+    def _mode_cost(self, b: int, speculating: bool) -> float | None:
+        sums = self._sums.get((b, speculating))
+        return None if sums is None else sums[0] / sums[1]
 
     def record(self, now: float, tokens: int) -> None:
         """A step starts at `now`: the one timed before it ran until now and emitted `tokens`."""
@@ -203,7 +211,7 @@ class SpeculationGate:
             state = self._state[b] = _GateState()
         if state.left == 0:
             self._next_stretch(b, state)
-        counted = state.left < self.STRETCH and self._previous == b
+        counted = self._previous == b  # a step after one of another batch size is not this size's cost
         state.left -= 1
         self._open = (now, b, counted)
         if not state.speculating:
@@ -213,11 +221,11 @@ class SpeculationGate:
     def _next_stretch(self, b: int, state: "_GateState") -> None:
         if state.tokens:
             key = (b, state.speculating)
-            mean, old = state.seconds / state.tokens, self._cost.get(key)
-            self._cost[key] = mean if old is None else (1 - self.ALPHA) * old + self.ALPHA * mean
+            seconds, tokens = self._sums.get(key, (0.0, 0.0))
+            self._sums[key] = (self.DECAY * seconds + state.seconds, self.DECAY * tokens + state.tokens)
         state.seconds, state.tokens = 0.0, 0
         state.left = self.STRETCH
-        spec, plain = self._cost.get((b, True)), self._cost.get((b, False))
+        spec, plain = self._mode_cost(b, True), self._mode_cost(b, False)
         if spec is None or plain is None:
             state.speculating = spec is None  # measure the mode not yet measured
             return
