@@ -368,7 +368,7 @@ def main() -> None:
         num_speculative_tokens=args.k,
         ngram_max=args.ngram_max,
         ngram_min=args.ngram_min,
-        # By default every batch given speculates; --speculative-max-batch 32 times the engine's default policy.
+        # By default every batch given speculates; --speculative-max-batch 16 times the engine's default policy.
         speculative_max_batch=args.speculative_max_batch or max(args.batches),
         speculative_adaptive=not args.always_speculate,
     )

@@ -48,7 +48,7 @@ class WorkerConfig:
     num_speculative_tokens: int | None = None  # None: the engine's default (8 for ngram, 4 for eagle3)
     ngram_max: int = 4
     ngram_min: int = 2
-    speculative_max_batch: int = 32  # speculation stands aside in steps with more decoding sequences
+    speculative_max_batch: int = 16  # speculation stands aside in steps with more decoding sequences
     speculative_adaptive: bool = True  # n-gram: also where it measured slower than plain steps
     max_n: int = 16  # most completions one Generate call may ask for
     max_stop_strings: int = 16
