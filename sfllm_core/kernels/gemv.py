@@ -11,6 +11,11 @@ The input can be produced inside the kernel instead of by a launch of its own:
   program normalises the row itself (it is a few KB, read from L2); program 0 alone writes the
   new residual stream, to a fresh buffer so no program reads a half-written one.
 Both round where the eager model rounds, so outputs match the unfused layers bit for bit in float32.
+
+FP8 weights (layers/fp8.py) run the same kernel given their float32 scales: a program then holds
+16 KB of fp8 rows (twice the elements), and with one row of x it walks up to 8 such row blocks
+(`row_iters`), making its input once for all of them: an input made per 16 KB block (a gated
+[gate | up] row of Qwen3-8B's down projection is 48 KB) read more from L2 than the weights from HBM.
 """
 
 import torch
