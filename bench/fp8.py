@@ -49,6 +49,9 @@ from sfllm_core.sampling_params import SamplingParams
 _spec = importlib.util.spec_from_file_location("bench_engine", Path(__file__).with_name("engine.py"))
 engine_bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(engine_bench)
+_spec = importlib.util.spec_from_file_location("bench_gemv", Path(__file__).with_name("gemv.py"))
+gemv_bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gemv_bench)
 
 SCHEMES = ("channel", "block")
 # "+lm_head": EngineConfig.fp8_lm_head, the output projection in FP8 too.
@@ -279,24 +282,7 @@ def accuracy(name: str, config) -> dict:
 def _time_us(fn, reps: int = 100) -> float:
     """Microseconds per call of fn, replayed from a CUDA graph of reps calls (as the engine runs them:
     a Python loop of Triton launches would time the host's launch cost for kernels of a few us)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(3):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (3 * reps) * 1e3
+    return gemv_bench.graph_ms(lambda: [fn() for _ in range(reps)]) * 1e3 / reps
 
 
 def _rotating(make, nbytes: int):
