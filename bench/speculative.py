@@ -346,7 +346,8 @@ def main() -> None:
     args = parser.parse_args()
     dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
     if args.k is None:
-        args.k = 4 if args.eagle3_cost else EngineConfig(speculative_algorithm="ngram").num_speculative_tokens
+        algorithm = "eagle3" if args.eagle3_cost else "ngram"
+        args.k = EngineConfig(speculative_algorithm=algorithm).resolved_num_speculative_tokens()
     if args.eagle3_cost:
         eagle3_cost(args, dtype)
         return

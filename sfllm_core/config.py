@@ -78,9 +78,11 @@ class EngineConfig:
     # plain decoding (engine/speculative.py, SpeculationGate); off: it runs wherever drafts are found.
     speculative_adaptive: bool = True
 
-    def __post_init__(self) -> None:
-        if self.num_speculative_tokens is None:
-            self.num_speculative_tokens = 8 if self.speculative_algorithm == "ngram" else 4
+    def resolved_num_speculative_tokens(self) -> int:
+        """num_speculative_tokens, or the algorithm's default (resolved late: `replace` may change the algorithm)."""
+        if self.num_speculative_tokens is not None:
+            return self.num_speculative_tokens
+        return 8 if self.speculative_algorithm == "ngram" else 4
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -133,7 +135,11 @@ class EngineConfig:
                 "speculative_draft_model",
             )
         if self.speculative_algorithm is not None:
-            for name in ("num_speculative_tokens", "ngram_min", "speculative_max_batch"):
+            if self.resolved_num_speculative_tokens() < 1:
+                raise InvalidRequestError(
+                    f"num_speculative_tokens must be >= 1, got {self.num_speculative_tokens}", "num_speculative_tokens"
+                )
+            for name in ("ngram_min", "speculative_max_batch"):
                 if getattr(self, name) < 1:
                     raise InvalidRequestError(f"{name} must be >= 1, got {getattr(self, name)}", name)
             if self.ngram_max < self.ngram_min:

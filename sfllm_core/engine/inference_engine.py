@@ -137,9 +137,8 @@ class InferenceEngine:
         self._step_start, self._step_tokens = 0.0, 0  # the step the gate times, and its tokens
         if self.proposer is not None and self.runner.graphs is not None:
             # Eager verify steps launch every kernel from the host: at batch 1 that costs what the drafts save.
-            self.runner.enable_verify_graphs(
-                config.num_speculative_tokens + 1, min(config.speculative_max_batch, graph_batch), self.aux_layers
-            )
+            k = config.resolved_num_speculative_tokens()
+            self.runner.enable_verify_graphs(k + 1, min(config.speculative_max_batch, graph_batch), self.aux_layers)
             if self.aux_layers:  # the EAGLE-3 head's drafting passes too
                 self.proposer.enable_graphs(
                     min(config.speculative_max_batch, graph_batch), self.pool.max_pages_per_seq, self.max_context_length
@@ -283,7 +282,7 @@ class InferenceEngine:
         if config.speculative_algorithm == "ngram":
             from sfllm_core.engine.ngram import NgramProposer
 
-            return NgramProposer(config.num_speculative_tokens, config.ngram_max, config.ngram_min)
+            return NgramProposer(config.resolved_num_speculative_tokens(), config.ngram_max, config.ngram_min)
         if config.speculative_algorithm == "eagle3":
             return self._build_eagle3()
         raise ValueError(f"unknown speculative algorithm {config.speculative_algorithm!r}")
@@ -318,7 +317,7 @@ class InferenceEngine:
         self.aux_layers = aux_layers_of(self.draft_config, mc.num_hidden_layers)
         num_slots = (self.pool.num_pages + 1) * self.pool.page_size
         return Eagle3Proposer(
-            config.num_speculative_tokens, head, self.runner.backend, num_slots, self.pool.page_size,
+            config.resolved_num_speculative_tokens(), head, self.runner.backend, num_slots, self.pool.page_size,
             self.device, self.dtype,
         )  # fmt: skip
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from same_outputs import assert_same_greedy
 
+from sfllm_core.config import EngineConfig
 from sfllm_core.engine.inference_engine import InferenceEngine
 from sfllm_core.engine.ngram import NgramProposer
 from sfllm_core.engine.request_sequence import RequestSequence
@@ -243,6 +244,14 @@ def test_ngram_index_agrees_with_a_search_of_the_whole_sequence():
                 break
         assert proposer.draft(seq, 4) == expected
         seq.token_ids += [rng.randrange(4) for _ in range(rng.randrange(1, 3))]
+
+
+def test_drafts_per_step_default_to_the_algorithms(qwen3_path):
+    # Given as keyword arguments (applied to a default config with dataclasses.replace) or in a config.
+    engine = InferenceEngine(model_path=str(qwen3_path), dtype="float32", speculative_algorithm="ngram")
+    assert engine.proposer.k == 8
+    assert EngineConfig(speculative_algorithm="eagle3").resolved_num_speculative_tokens() == 4
+    assert EngineConfig(speculative_algorithm="ngram", num_speculative_tokens=3).resolved_num_speculative_tokens() == 3
 
 
 @pytest.mark.parametrize(
