@@ -412,9 +412,8 @@ class GenerationRun:
         try:
             async for response in call:
                 attempt.last_message_at = time.monotonic()
-                kind = response.WhichOneof("event")
                 choice = leg.choices[response.index]
-                if kind == "prompt":
+                if response.HasField("prompt"):  # the first message of a completion: it was admitted and prefilled
                     worker.has_room(attempt.started_at)  # it admitted this call: a refusal before it holds no more
                     if not accepted.done():
                         self.prompts[index] = response.prompt  # its text and logprobs, when asked for (echo)
@@ -422,6 +421,8 @@ class GenerationRun:
                         if response.prompt.prompt_token_ids:
                             self._prompt_ids[index] = list(response.prompt.prompt_token_ids)
                         accepted.set_result(response.prompt.num_prompt_tokens)
+                kind = response.WhichOneof("event")
+                if kind is None:
                     continue
                 if kind == "delta":
                     delta = response.delta

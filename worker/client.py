@@ -90,10 +90,10 @@ class Completion:
         while len(self.choices) <= response.index:
             self.choices.append(Choice(index=len(self.choices)))
         choice = self.choices[response.index]
-        event = response.WhichOneof("event")
-        if event == "prompt":
+        if response.HasField("prompt"):
             self.num_prompt_tokens = response.prompt.num_prompt_tokens
-        elif event == "delta":
+        event = response.WhichOneof("event")
+        if event == "delta":
             choice.text += response.delta.text
             choice.token_ids.extend(response.delta.token_ids)
             choice.logprobs.extend(response.delta.logprobs)

@@ -73,6 +73,7 @@ class _Choice:
         "last_token_at",
         "finish_reason",
         "prompt_logprobs",
+        "prompt",
     )
 
     def __init__(self, index: int, engine_id: str) -> None:
@@ -90,6 +91,7 @@ class _Choice:
         self.last_token_at: float | None = None
         self.finish_reason: str | None = None
         self.prompt_logprobs: list[TextLogprob] | None = None  # prompt tokens 1..P-1, from the first output
+        self.prompt: pb.PromptInfo | None = None  # set once accepted, until it rides out on the first response
 
 
 class _Call:
@@ -178,21 +180,31 @@ class _Call:
         self._wake.clear()
 
     def responses(self) -> list[pb.GenerateResponse]:
-        """Everything ready to send: per completion one delta with all its new output, then its end."""
+        """Everything ready to send: per completion one delta with all its new output, then its end.
+
+        A completion's first response carries its PromptInfo and goes out whatever the stream interval
+        (the first token is never held back); with no output to carry it, the PromptInfo goes alone.
+        """
         responses = []
         for choice in self.choices:
-            if not choice.pending:
-                continue
+            prompt, choice.prompt = choice.prompt, None
+            mine: list[pb.GenerateResponse] = []
             finished = choice.finished
-            if finished is None and choice.pending_tokens < self.stream_interval:
-                continue
-            items, choice.pending, choice.pending_tokens = choice.pending, [], 0
-            delta = _delta(items)
-            if delta is not None:
-                responses.append(pb.GenerateResponse(request_id=self.request_id, index=choice.index, delta=delta))
-            if finished is not None:
-                responses.append(self._finished(choice, finished))
-                choice.sent_finish = True
+            due = finished is not None or prompt is not None or choice.pending_tokens >= self.stream_interval
+            if choice.pending and due:
+                items, choice.pending, choice.pending_tokens = choice.pending, [], 0
+                delta = _delta(items)
+                if delta is not None:
+                    mine.append(pb.GenerateResponse(request_id=self.request_id, index=choice.index, delta=delta))
+                if finished is not None:
+                    mine.append(self._finished(choice, finished))
+                    choice.sent_finish = True
+            if prompt is not None:
+                if mine:
+                    mine[0].prompt.CopyFrom(prompt)
+                else:
+                    mine.append(pb.GenerateResponse(request_id=self.request_id, index=choice.index, prompt=prompt))
+            responses.extend(mine)
         return responses
 
     def _finished(self, choice: _Choice, out: TextOutput) -> pb.GenerateResponse:
@@ -405,10 +417,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if call.refusal is not None:
                 await self._refuse(context, call.refusal, record)
             # Accepted means every completion's first output is here, and with it the prompt's logprobs.
+            # Each PromptInfo rides on its completion's first response (Call.responses).
             prompt_text = self._decode(prepared.prompt_ids) if request.return_prompt_text else ""
             for choice in call.choices:
-                prompt = self._prompt_info(request, prepared.prompt_ids, prompt_text, choice)
-                yield pb.GenerateResponse(request_id=request_id, index=choice.index, prompt=prompt)
+                choice.prompt = self._prompt_info(request, prepared.prompt_ids, prompt_text, choice)
             while True:
                 for response in call.responses():
                     yield response

@@ -13,9 +13,10 @@ def _prompt_infos(client, request: pb.GenerateRequest) -> list[pb.PromptInfo]:
     responses = list(client.stream(request=request))
     n = max(r.index for r in responses) + 1
     for index in range(n):
-        events = [r.WhichOneof("event") for r in responses if r.index == index]
-        assert events[0] == "prompt" and events[-1] == "finished"
-    return [r.prompt for r in responses if r.WhichOneof("event") == "prompt"]
+        mine = [r for r in responses if r.index == index]
+        assert [r.HasField("prompt") for r in mine] == [True] + [False] * (len(mine) - 1)
+        assert mine[-1].HasField("finished")
+    return [r.prompt for r in responses if r.HasField("prompt")]
 
 
 def test_prompt_logprobs_cover_every_prompt_token_with_text(client, reference_engine):

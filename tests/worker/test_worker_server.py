@@ -59,8 +59,8 @@ def test_drain_keeps_streams_going_and_refuses_new_work(make_worker):
     worker = make_worker(pace=0.02)
     with WorkerClient(worker.target, timeout=30) as client:
         streams = [client.stream(PROMPT, max_tokens=30, temperature=0, ignore_eos=True) for _ in range(2)]
-        for stream in streams:
-            assert next(stream).HasField("prompt")
+        firsts = [next(stream) for stream in streams]
+        assert all(first.HasField("prompt") for first in firsts)
         drained = worker.drain(timeout=30)
         # Whenever the drain completes, no engine request of the streams may still be in flight. The
         # callback runs on the worker's loop as the drain completes (or here, at once, if it already has).
@@ -72,10 +72,10 @@ def test_drain_keeps_streams_going_and_refuses_new_work(make_worker):
             client.generate(PROMPT, max_tokens=2)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in info.value.details()
         assert DRAINING_KEY in dict(info.value.trailing_metadata())  # callers tell a drain from a failure
-        for stream in streams:
-            rest = list(stream)
-            assert rest[-1].finished.finish_reason == pb.FINISH_REASON_LENGTH
-            assert sum(len(r.delta.token_ids) for r in rest) == 30
+        for first, stream in zip(firsts, streams, strict=True):
+            whole = [first, *stream]
+            assert whole[-1].finished.finish_reason == pb.FINISH_REASON_LENGTH
+            assert sum(len(r.delta.token_ids) for r in whole) == 30
         drained.result(timeout=10)
         assert in_flight_when_drained == [0], "the drain completed while streams were still in flight"
 
@@ -219,8 +219,7 @@ def test_sigterm_drains_in_flight_streams_then_exits(qwen3_path, tmp_path):
             streams = [
                 client.stream(token_ids=[7] * 8, max_tokens=room, temperature=0, ignore_eos=True) for _ in range(4)
             ]
-            for stream in streams:
-                next(stream)
+            firsts = [next(stream) for stream in streams]  # each one's PromptInfo and first token
             proc.send_signal(signal.SIGTERM)
             # Health turns NOT_SERVING once the signal is handled (the port may close first if the
             # streams finish before this look, as they keep arriving from the client's buffer).
@@ -232,10 +231,10 @@ def test_sigterm_drains_in_flight_streams_then_exits(qwen3_path, tmp_path):
                 except grpc.RpcError as exc:
                     status = exc.code().name
             assert status in ("NOT_SERVING", "UNAVAILABLE")
-            for stream in streams:
-                rest = list(stream)
-                assert rest[-1].finished.finish_reason == pb.FINISH_REASON_LENGTH
-                assert sum(len(r.delta.token_ids) for r in rest) == room
+            for first, stream in zip(firsts, streams, strict=True):
+                whole = [first, *stream]
+                assert whole[-1].finished.finish_reason == pb.FINISH_REASON_LENGTH
+                assert sum(len(r.delta.token_ids) for r in whole) == room
         assert proc.wait(timeout=60) == 0
         messages = [line.get("msg") for line in _read_log(log_path)]
         assert messages.index("draining") < messages.index("stopped")

@@ -25,10 +25,11 @@ def _wait_for_clean_load(client: WorkerClient, timeout: float = 10.0) -> pb.GetL
         time.sleep(0.02)
 
 
-def test_stream_shape_prompt_first_then_deltas_then_finished(client):
+def test_stream_shape_deltas_then_finished_the_first_carrying_the_prompt(client):
     responses = list(client.stream(PROMPT, max_tokens=8, temperature=0, ignore_eos=True, request_id="shape"))
     events = [r.WhichOneof("event") for r in responses]
-    assert events[0] == "prompt" and events[-1] == "finished" and set(events[1:-1]) == {"delta"}
+    assert events[-1] == "finished" and set(events[:-1]) == {"delta"}
+    assert [r.HasField("prompt") for r in responses] == [True] + [False] * (len(responses) - 1)
     assert all(r.request_id == "shape" and r.index == 0 for r in responses)
     finished = responses[-1].finished
     assert finished.finish_reason == pb.FINISH_REASON_LENGTH
