@@ -207,13 +207,10 @@ async def load(
     conf: dict, requests: list[serve.Request], stop: threading.Event, args: argparse.Namespace
 ) -> list[Sent]:
     """Poisson arrivals at --request-rate until `stop` (requests reused in turn), each through bench/serve.py."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     rng = random.Random(args.seed)
     sent: list[Sent] = []
     tasks: list[asyncio.Task[None]] = []
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None), limits=limits) as http:
+    async with serve.openai_session() as http:
 
         async def one(item: Sent) -> None:
             try:  # item.result is filled in place: a hung request keeps what it got before the timeout
