@@ -12,10 +12,10 @@ The input can be produced inside the kernel instead of by a launch of its own:
   new residual stream, to a fresh buffer so no program reads a half-written one.
 Both round where the eager model rounds, so outputs match the unfused layers bit for bit in float32.
 
-FP8 weights (layers/fp8.py) run the same kernel given their float32 scales: a program then holds
-16 KB of fp8 rows (twice the elements), and with one row of x it walks up to 8 such row blocks
-(`row_iters`), making its input once for all of them: an input made per 16 KB block (a gated
-[gate | up] row of Qwen3-8B's down projection is 48 KB) read more from L2 than the weights from HBM.
+FP8 weights (layers/fp8.py) run the same kernel given their float32 scales. With one row of x a
+program walks several row blocks (`one_row_fp8_config`), making its input once for all of them: an
+input made per block (a gated [gate | up] row of Qwen3-8B's down projection is 48 KB) read more
+from L2 than the weights from HBM; where it pays it loads the next block while it sums one.
 """
 
 import torch
@@ -29,6 +29,10 @@ from sfllm_core.kernels.rmsnorm import add_norm_row
 # of two. 8192 bf16 values is 64 per thread at 4 warps.
 _TILE = 8192
 MAX_ROWS = 8
+# FP8 launches with one row of x take one_row_fp8_config's tile, row walk and prefetch; the earlier
+# rule (launch_config's 16 KB tile, row_iters) stays for several rows and for comparison (bench/fp8.py).
+ONE_ROW_FP8_RULE = True
+ONE_ROW_PREFETCH = True
 
 ACTIVATIONS = {None: 0, "silu": 1, "gelu_tanh": 2}
 _num_sms: dict[int, int] = {}
@@ -135,6 +139,7 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     ROW_ITERS: tl.constexpr,
+    PREFETCH: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -144,6 +149,10 @@ def _gemv_kernel(
     k_mask = offs_k < K
     # Weights are never written during a step: stream them in before waiting on the producer of x.
     w, s = _load_rows(W, Scale, rows_w, offs_k, N, stride_w, stride_s, K, SCALE, SCALE_BN, BLOCK_K)
+    if PREFETCH:
+        w_next, s_next = _load_rows(
+            W, Scale, rows_w + BLOCK_N, offs_k, N, stride_w, stride_s, K, SCALE, SCALE_BN, BLOCK_K
+        )
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -175,7 +184,16 @@ def _gemv_kernel(
         for i in tl.static_range(ROW_ITERS):
             if i > 0:
                 rows_w = first_row + i * BLOCK_N + tl.arange(0, BLOCK_N)
-                w, s = _load_rows(W, Scale, rows_w, offs_k, N, stride_w, stride_s, K, SCALE, SCALE_BN, BLOCK_K)
+                if PREFETCH:
+                    w, s = w_next, s_next
+                else:
+                    w, s = _load_rows(W, Scale, rows_w, offs_k, N, stride_w, stride_s, K, SCALE, SCALE_BN, BLOCK_K)
+            if PREFETCH and i + 1 < ROW_ITERS and i > 0:
+                # The next block's load is in flight while this one is summed: without it a program
+                # kept one block's bytes in flight, each block waiting for its own load alone.
+                w_next, s_next = _load_rows(
+                    W, Scale, rows_w + BLOCK_N, offs_k, N, stride_w, stride_s, K, SCALE, SCALE_BN, BLOCK_K
+                )
             _store_rows(
                 Out, Bias, w.to(tl.float32), s, x, 0, rows_w, N, stride_om, SCALE, HAS_BIAS, BLOCK_N, BLOCK_K, dtype
             )
@@ -192,12 +210,39 @@ def launch_config(n: int, k: int, element_size: int, tile: int | None = None) ->
 
 
 def row_iters(num_rows: int, num_blocks: int, sms: int) -> int:
-    """Row blocks per program for FP8 weights: with one row of x, as many (up to 8) as leave two
-    programs per SM, so a program makes its input (read from L2, normed or gated in registers) once
-    for all of them."""
+    """Row blocks per program for FP8 weights with several rows of x (and for configs given by hand):
+    as many (up to 8) as leave two programs per SM; with more than one row, 1."""
     if num_rows != 1:
         return 1
     return next((r for r in (8, 4, 2) if num_blocks // r >= 2 * sms), 1)
+
+
+def one_row_fp8_config(n: int, k: int, made_input: bool, sms: int) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_N, BLOCK_K, num_warps, ROW_ITERS, PREFETCH) for FP8 weights and one row of x, from an
+    H200 sweep of Qwen3-8B's and 0.6B's projections (docs/PERFORMANCE.md, FP8):
+
+    - 4 warps up to 8192 columns, 8 beyond, each thread holding 128 weights of a row block, except
+      where x is read as it is into a grid of under 16 programs per SM (o_proj): there 64, in more,
+      smaller programs (Qwen3-8B's o_proj 6.2 -> 5.7 us);
+    - a program walks row blocks until it holds 16 rows where it makes its input (normed or gated,
+      read from L2 and made in registers once for all of them), 4 rows where it reads x as it is
+      and is not one of many waves; fewer while the grid would be under one wave;
+    - PREFETCH (the next row block loaded while one is summed) where it won: a program walking 4 or
+      more blocks of at most 16 KB, in a grid of at most 4 programs per SM (q|k|v: 9.1 -> 8.4 us);
+      with more programs, or 32 KB blocks, the doubled registers cost more than it hides.
+    """
+    block_k = triton.next_power_of_2(k)
+    num_warps = 4 if block_k <= 8192 else 8
+    block_n = max(1, min(128 * 32 * num_warps // block_k, 16))
+    many_waves = triton.cdiv(n, block_n) >= 16 * sms
+    if not made_input and not many_waves:
+        block_n = max(1, block_n // 2)
+    blocks = triton.cdiv(n, block_n)
+    iters = max(1, (16 if made_input else 1 if many_waves else 4) // block_n)
+    while iters > 1 and blocks // iters < sms:
+        iters //= 2
+    prefetch = iters >= 4 and block_n * block_k <= 16384 and triton.cdiv(blocks, iters) <= 4 * sms
+    return block_n, block_k, num_warps, iters, ONE_ROW_PREFETCH and prefetch
 
 
 def _sm_count(device: torch.device) -> int:
@@ -211,15 +256,22 @@ def _sm_count(device: torch.device) -> int:
 
 def _launch(
     x, weight, bias, out, activation, residual, norm_weight, x_norm_weight, residual_out, eps, x_eps, gemma,
-    scale=None, scale_block_n=1, config=None, iters=None,
+    scale=None, scale_block_n=1, config=None, iters=None, prefetch=None,
 ):  # fmt: skip
     num_rows = x.shape[0]
     n, k = weight.shape
-    block_n, block_k, num_warps = config or launch_config(n, k, weight.element_size())
+    sms = _sm_count(x.device)
+    auto_prefetch = False
+    if config is None and scale is not None and num_rows == 1 and ONE_ROW_FP8_RULE:
+        made_input = activation is not None or norm_weight is not None
+        block_n, block_k, num_warps, auto_iters, auto_prefetch = one_row_fp8_config(n, k, made_input, sms)
+        iters = iters or auto_iters
+    else:
+        block_n, block_k, num_warps = config or launch_config(n, k, weight.element_size())
     blocks = triton.cdiv(n, block_n)
     # Row sharing measured faster for FP8 weights only (H200: Qwen3-8B's gated down 43.0 -> 22.4 us);
     # bf16 rows, twice the bytes, lost with it (its down 25.3 -> 36.8 us), so they keep a block a program.
-    iters = iters or (row_iters(num_rows, blocks, _sm_count(x.device)) if scale is not None else 1)
+    iters = iters or (row_iters(num_rows, blocks, sms) if scale is not None else 1)
     assert iters == 1 or num_rows == 1, "row blocks share a program only for one row of x"
     normed = norm_weight is not None
     scale_mode = 0 if scale is None else (1 if scale.shape[1] == 1 else 2)
@@ -255,6 +307,7 @@ def _launch(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         ROW_ITERS=iters,
+        PREFETCH=iters > 1 and (auto_prefetch if prefetch is None else prefetch),
         num_warps=num_warps,
         **pdl_launch(x.device),
     )
@@ -288,6 +341,7 @@ def gemv(
     scale_block_n: int = 1,
     config: tuple[int, int, int] | None = None,
     iters: int | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """x [M, K] @ weight[N, K].T + bias for small M (at most 8), into a new [M, N] tensor.
 
@@ -303,7 +357,8 @@ def gemv(
     _check_scale(weight, scale, scale_block_n)
     out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     _launch(
-        x, weight, bias, out, activation, None, None, None, None, 0.0, 0.0, False, scale, scale_block_n, config, iters
+        x, weight, bias, out, activation, None, None, None, None, 0.0, 0.0, False, scale, scale_block_n, config, iters,
+        prefetch,
     )  # fmt: skip
     return out
 
@@ -321,7 +376,9 @@ def gemv_normed(
     *,
     scale: torch.Tensor | None = None,
     scale_block_n: int = 1,
+    config: tuple[int, int, int] | None = None,
     iters: int | None = None,
+    prefetch: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(h + residual) @ weight.T + bias, h + residual): the norm of kernels/rmsnorm.py, fused.
 
@@ -339,6 +396,6 @@ def gemv_normed(
     residual_out = None if residual is None else torch.empty_like(residual)
     _launch(
         h, weight, bias, out, None, residual, norm_weight, x_norm_weight, residual_out, eps, x_eps, gemma,
-        scale, scale_block_n, None, iters,
+        scale, scale_block_n, config, iters, prefetch,
     )  # fmt: skip
     return out, (h if residual is None else residual_out)

@@ -3,7 +3,7 @@
 Triton's interpreter, which runs the other kernel tests here, never compiles: a kernel can pass it
 and still fail to build, or build into byte-wide loads. So a child process (the interpreter is on
 in this one) compiles the GEMV (kernels/gemv.py with FP8 weights, at the launch configs Qwen3-8B's
-projections get), the GEMM and the activation quantization ahead of time for sm_90 and this test
+projections get at batch 1), the GEMM and the activation quantization ahead of time for sm_90 and this test
 reads their PTX: wide weight loads in the GEMV, wgmma in the large-tile GEMM.
 """
 
@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from sfllm_core.kernels import fp8_gemm, gemv
-from sfllm_core.kernels.gemv import launch_config, row_iters
+from sfllm_core.kernels.gemv import one_row_fp8_config
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -54,11 +54,11 @@ for name, (n, k, blockwise, act, norm) in {
     "8b_down_block": (4096, 12288, True, 1, False),
     "8b_lm_head": (151936, 4096, False, 0, False),
 }.items():
-    bn, bk, warps = launch_config(n, k, 1)
+    bn, bk, warps, iters, prefetch = one_row_fp8_config(n, k, bool(act or norm), 132)
     constexprs = dict(
         K=k, SCALE=2 if blockwise else 1, SCALE_BN=128 if blockwise else 1, HAS_BIAS=False, ACT=act, NORM=norm,
         HAS_RESIDUAL=norm, NORM_X=False, GEMMA=False, BLOCK_N=bn, BLOCK_K=bk, USE_PDL=True,
-        ROW_ITERS=row_iters(1, -(-n // bn), 132),
+        ROW_ITERS=iters, PREFETCH=prefetch,
     )
     out[name] = build(gemv._gemv_kernel, gemv_types, constexprs, num_warps=warps)
 gemm_types = dict(

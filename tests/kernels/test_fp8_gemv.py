@@ -4,8 +4,9 @@ dequantized weight: plain, gated, and with the norm fused in."""
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
-from sfllm_core.kernels.gemv import gemv, gemv_normed, launch_config, row_iters
+from sfllm_core.kernels.gemv import gemv, gemv_normed, launch_config, one_row_fp8_config, row_iters
 from sfllm_core.layers.activation import GeluTanhAndMul, SiluAndMul
 from sfllm_core.layers.fp8 import Fp8Weight
 from sfllm_core.layers.norms import GemmaRMSNorm, RMSNorm
@@ -14,18 +15,19 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 ACTS = {None: None, "silu": SiluAndMul, "gelu_tanh": GeluTanhAndMul}
 
 
-def _gemv(x, fw, bias=None, activation=None, iters=None):
+def _gemv(x, fw, bias=None, activation=None, iters=None, prefetch=None):
     device = x.device
     bias = None if bias is None else bias.to(device)
     weight, scale = fw.weight.to(device), fw.scale.to(device)
-    return gemv(x, weight, bias, activation, scale=scale, scale_block_n=fw.block_n, iters=iters)
+    return gemv(x, weight, bias, activation, scale=scale, scale_block_n=fw.block_n, iters=iters, prefetch=prefetch)
 
 
-def _gemv_normed(h, fw, norm_weight, eps, gemma, residual, iters=None):
+def _gemv_normed(h, fw, norm_weight, eps, gemma, residual, iters=None, prefetch=None):
     weight, scale = fw.weight.to(h.device), fw.scale.to(h.device)
     return gemv_normed(
-        h, weight, None, norm_weight, eps, gemma, residual, scale=scale, scale_block_n=fw.block_n, iters=iters
-    )
+        h, weight, None, norm_weight, eps, gemma, residual, scale=scale, scale_block_n=fw.block_n, iters=iters,
+        prefetch=prefetch,
+    )  # fmt: skip
 
 
 def _padded(rows: int, width: int, gen: torch.Generator, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
@@ -109,21 +111,23 @@ def test_fp8_gemv_normed_matches_norm_then_matmul(device, rows, n, k, scheme, ge
 
 
 @pytest.mark.parametrize("scheme", ["channel", "block"])
-@pytest.mark.parametrize("iters", [2, 3])
-def test_row_blocks_sharing_a_program_make_the_input_once(device, scheme, iters):
-    # One row of x, several row blocks per program (the last program's blocks past N): plain, gated, normed.
+@pytest.mark.parametrize("iters,prefetch", [(2, False), (3, False), (2, True), (3, True), (5, True)])
+def test_row_blocks_sharing_a_program_make_the_input_once(device, scheme, iters, prefetch):
+    # One row of x, several row blocks per program (the last program's blocks past N), each block
+    # loaded on its turn or while the one before is summed: plain, gated, normed.
     gen = torch.Generator().manual_seed(iters)
-    n, k = 300, 256  # 16-row blocks (fp8, 16 KB): 19 blocks, so 7 or 10 programs, the last part-empty
+    n, k = 300, 256  # 16-row blocks at most: 19 or more blocks, so several programs, the last part-empty
     fw = Fp8Weight.from_dense(torch.randn(n, k, generator=gen) / k**0.5, scheme)
     x = _padded(1, 2 * k, gen, torch.float32)
-    torch.testing.assert_close(_gemv(x[:, :k].to(device), fw, iters=iters).cpu(), x[:, :k] @ fw.dequantize().t())
-    gated = _gemv(x.to(device), fw, None, "silu", iters=iters).cpu()
+    plain = _gemv(x[:, :k].to(device), fw, iters=iters, prefetch=prefetch).cpu()
+    torch.testing.assert_close(plain, x[:, :k] @ fw.dequantize().t())
+    gated = _gemv(x.to(device), fw, None, "silu", iters=iters, prefetch=prefetch).cpu()
     torch.testing.assert_close(gated, SiluAndMul()(x) @ fw.dequantize().t(), atol=1e-4, rtol=0)
     norm = RMSNorm(k, 1e-6)
     h, residual = x[:, :k].contiguous(), x[:, k:].contiguous()
     want, want_residual = norm.add_norm(h, residual)
     out, new_residual = _gemv_normed(
-        h.to(device), fw, norm.weight.detach().to(device), 1e-6, False, residual.to(device), iters
+        h.to(device), fw, norm.weight.detach().to(device), 1e-6, False, residual.to(device), iters, prefetch
     )
     torch.testing.assert_close(out.cpu(), want @ fw.dequantize().t(), atol=1e-4, rtol=0)
     torch.testing.assert_close(new_residual.cpu(), want_residual, atol=0, rtol=0)
@@ -144,6 +148,30 @@ def test_launch_config_holds_whole_rows_in_16_kb():
     assert row_iters(2, 4096, 132) == 1
 
 
+# Qwen3-8B's and 0.6B's projections as the model launches them at batch 1: (N, K, input made in the
+# kernel: normed q|k|v and gate|up, gated down; o and lm_head read x as it is).
+ONE_ROW_SHAPES = [
+    (6144, 4096, True), (4096, 4096, False), (24576, 4096, True), (4096, 12288, True), (151936, 4096, False),
+    (4096, 1024, True), (1024, 2048, False), (6144, 1024, True), (1024, 3072, True), (151936, 1024, False),
+]  # fmt: skip
+
+
+def test_one_row_fp8_config_walks_whole_rows_in_at_least_a_wave():
+    for n, k, made_input in ONE_ROW_SHAPES:
+        block_n, block_k, warps, iters, prefetch = one_row_fp8_config(n, k, made_input, 132)
+        assert block_k >= k and block_k & (block_k - 1) == 0 and block_k % 128 == 0
+        assert block_n * block_k // (32 * warps) in (64, 128), (n, k)  # weights a thread holds
+        programs = triton.cdiv(triton.cdiv(n, block_n), iters)
+        assert iters == 1 or programs >= 132, (n, k)
+        assert not prefetch or (iters >= 4 and programs <= 4 * 132), (n, k)
+        if made_input and iters > 1:  # the input is made once for at most 16 rows
+            assert block_n * iters <= 16
+    # The sweep's winners (docs/PERFORMANCE.md): gated down walks 8 blocks of 2 rows, q|k|v prefetches.
+    assert one_row_fp8_config(4096, 12288, True, 132) == (2, 16384, 8, 8, False)
+    assert one_row_fp8_config(6144, 4096, True, 132) == (4, 4096, 4, 4, True)
+    assert one_row_fp8_config(4096, 4096, False, 132) == (2, 4096, 4, 2, False)
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("rows", [1, 2, 4])
@@ -154,3 +182,23 @@ def test_launch_config_holds_whole_rows_in_16_kb():
 )
 def test_fp8_gemv_full_shapes_on_gpu(rows, n, k, scheme, activation):
     _check(rows, n, k, scheme, activation, False, torch.bfloat16, 6e-2, torch.device("cuda"), seed=rows)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (24576, 4096), (4096, 1024)])
+def test_fp8_gemv_normed_full_shapes_on_gpu(rows, n, k):
+    # The launches q|k|v and gate|up get (one row: one_row_fp8_config's walk, with prefetch for q|k|v).
+    gen = torch.Generator().manual_seed(n)
+    norm = RMSNorm(k, 1e-6)
+    h = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    residual = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+    fw = Fp8Weight.from_dense(torch.randn(n, k, generator=gen) / k**0.5, "channel")
+    x, want_residual = norm.add_norm(h.float(), residual.float())
+    cuda = torch.device("cuda")
+    out, new_residual = _gemv_normed(
+        h.to(cuda), fw, norm.weight.detach().to(cuda, torch.bfloat16), 1e-6, False, residual.to(cuda)
+    )
+    torch.testing.assert_close(out.cpu().float(), F.linear(x, fw.dequantize()), atol=6e-2, rtol=2e-2)
+    torch.testing.assert_close(new_residual.cpu().float(), want_residual, atol=2e-2, rtol=1e-2)
