@@ -18,8 +18,10 @@ from sfllm_core.kernels.pdl import pdl_launch
 
 # Below this many tokens per split, the per-program setup and the merge outweigh the parallelism.
 # The kernel applies it to each sequence's actual length, so a split count sized for the longest
-# context a graph may see still gives short sequences few, full splits.
-_MIN_SPLIT_TOKENS = 256
+# context a graph may see still gives short sequences few, full splits. On an H200 at batch 1 with
+# a few hundred tokens of context, 64 against 256 took 0.07 ms off each FP8 step of Qwen3-8B (36
+# layers) and of 0.6B (28), and 32 gained nothing more (docs/PERFORMANCE.md, 2026-12-03).
+_MIN_SPLIT_TOKENS = 64
 _MAX_SPLITS = 64
 # exp2/log2 are the fast hardware paths; scores are kept in log2 units throughout.
 _LOG2E = 1.4426950408889634

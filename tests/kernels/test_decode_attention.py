@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sfllm_core.kernels.decode_attention import decode_attention, decode_num_splits
+from sfllm_core.kernels.decode_attention import _MIN_SPLIT_TOKENS, decode_attention, decode_num_splits
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -179,9 +179,9 @@ def test_num_splits_depends_only_on_host_constants():
     assert decode_num_splits(1, 8, 1, cpu) == 1
     assert decode_num_splits(1, 1, 32768, cpu) > 1
     assert decode_num_splits(256, 8, 32768, cpu) == 1
-    # No split shorter than the minimum chunk: a short context is never split, 1024 tokens at most 4 ways.
-    assert decode_num_splits(1, 1, 100, cpu) == 1
-    assert decode_num_splits(1, 1, 1024, cpu) == 4
+    # No split shorter than the minimum chunk: a shorter context is never split, 4 chunks' worth at most 4 ways.
+    assert decode_num_splits(1, 1, _MIN_SPLIT_TOKENS - 1, cpu) == 1
+    assert decode_num_splits(1, 1, 4 * _MIN_SPLIT_TOKENS, cpu) == 4
 
 
 @pytest.mark.parametrize("window", [None, 100])
