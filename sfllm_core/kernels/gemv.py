@@ -210,8 +210,9 @@ def launch_config(n: int, k: int, element_size: int, tile: int | None = None) ->
 
 
 def row_iters(num_rows: int, num_blocks: int, sms: int) -> int:
-    """Row blocks per program for FP8 weights with several rows of x (and for configs given by hand):
-    as many (up to 8) as leave two programs per SM; with more than one row, 1."""
+    """Row blocks per program for FP8 weights under the earlier rule (ONE_ROW_FP8_RULE off, or a
+    config given by hand): with one row of x as many (up to 8) as leave two programs per SM; with
+    more rows, 1."""
     if num_rows != 1:
         return 1
     return next((r for r in (8, 4, 2) if num_blocks // r >= 2 * sms), 1)
