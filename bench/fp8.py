@@ -367,7 +367,7 @@ def kernels(config, sweep: bool) -> dict:
 def _fused_inputs(label: str, n: int, k: int, x: torch.Tensor) -> dict:
     """The FP8 GEMV as the model launches it (down after the gate: act(gate) * up made in the kernel;
     q|k|v and gate|up after a norm: RMSNorm(h + residual) made in it; o as it is), one row block per
-    program (iters 1) against row_iters' choice (the input made once for several)."""
+    program (iters 1) against one_row_fp8_config's choice (the input made once for several)."""
     from sfllm_core.kernels.gemv import gemv, gemv_normed
 
     norm_w = torch.ones(k, device="cuda", dtype=torch.bfloat16)
@@ -476,7 +476,8 @@ def print_tables(results: dict) -> None:
                 )
                 print(f"{model:<11} | {label:<7} {r['n']:>6}x{r['k']:<6} | {cells}")
         print(
-            "FP8 channel GEMV as launched (down gated, q|k|v and gate|up normed): one row block a program | row_iters"
+            "FP8 channel GEMV as launched (down gated, q|k|v and gate|up normed): "
+            "one row block a program | one_row_fp8_config"
         )
         for model, rows in kern.items():
             for label, r in rows.items():

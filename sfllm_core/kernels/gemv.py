@@ -30,9 +30,7 @@ from sfllm_core.kernels.rmsnorm import add_norm_row
 _TILE = 8192
 MAX_ROWS = 8
 # FP8 launches with one row of x take one_row_fp8_config's tile, row walk and prefetch; the earlier
-# rule (launch_config's 16 KB tile, row_iters) stays for several rows and for comparison (bench/fp8.py).
-ONE_ROW_FP8_RULE = True
-ONE_ROW_PREFETCH = True
+# rule (launch_config's 16 KB tile, row_iters) stays for several rows and for configs given by hand.
 
 ACTIVATIONS = {None: 0, "silu": 1, "gelu_tanh": 2}
 _num_sms: dict[int, int] = {}
@@ -210,9 +208,8 @@ def launch_config(n: int, k: int, element_size: int, tile: int | None = None) ->
 
 
 def row_iters(num_rows: int, num_blocks: int, sms: int) -> int:
-    """Row blocks per program for FP8 weights under the earlier rule (ONE_ROW_FP8_RULE off, or a
-    config given by hand): with one row of x as many (up to 8) as leave two programs per SM; with
-    more rows, 1."""
+    """Row blocks per program for FP8 weights with several rows of x or a config given by hand: with
+    one row of x as many (up to 8) as leave two programs per SM; with more rows, 1."""
     if num_rows != 1:
         return 1
     return next((r for r in (8, 4, 2) if num_blocks // r >= 2 * sms), 1)
@@ -243,7 +240,7 @@ def one_row_fp8_config(n: int, k: int, made_input: bool, sms: int) -> tuple[int,
     while iters > 1 and blocks // iters < sms:
         iters //= 2
     prefetch = iters >= 4 and block_n * block_k <= 16384 and triton.cdiv(blocks, iters) <= 4 * sms
-    return block_n, block_k, num_warps, iters, ONE_ROW_PREFETCH and prefetch
+    return block_n, block_k, num_warps, iters, prefetch
 
 
 def _sm_count(device: torch.device) -> int:
@@ -263,7 +260,7 @@ def _launch(
     n, k = weight.shape
     sms = _sm_count(x.device)
     auto_prefetch = False
-    if config is None and scale is not None and num_rows == 1 and ONE_ROW_FP8_RULE:
+    if config is None and scale is not None and num_rows == 1:
         made_input = activation is not None or norm_weight is not None
         block_n, block_k, num_warps, auto_iters, auto_prefetch = one_row_fp8_config(n, k, made_input, sms)
         iters = iters or auto_iters
